@@ -1,0 +1,11 @@
+"""Quantized kernels, registered per device. Importing this package registers the kernels this machine can load.
+
+CPU kernels are PyTorch's own integer kernels (fbgemm dynamic INT8 GEMM, ``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``). CUDA kernels are added by the GPU work (CUTLASS) and register only where CUDA is
+present, so this package imports cleanly on a machine without a GPU.
+"""
+
+from mpq.kernels import cpu  # noqa: F401  (registers the CPU kernels)
+from mpq.kernels.gemm import QuantGemm
+
+__all__ = ["QuantGemm", "cpu"]

@@ -1,0 +1,118 @@
+"""The quantized-module shell shared by every kernel: a Linear/Conv1d/Conv2d run as one GEMM.
+
+A linear layer is ``[rows, K] x [K, N]`` over all leading dims; a convolution becomes that GEMM through im2col
+(``F.unfold``), whose column order ``(C, kh, kw)`` is the order ``weight.reshape(N, -1)`` uses, so group-wise
+scales line up. Subclasses only implement :meth:`QuantGemm.gemm` (bias included) from their own packed buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpq.layers import LayerInfo
+
+
+def resolve_padding(layer: LayerInfo) -> tuple[int, ...] | None:
+    """Numeric padding of a conv layer, or None when im2col cannot express it (non-zero modes, uneven 'same')."""
+    conv = layer.conv or {}
+    if conv.get("padding_mode", "zeros") != "zeros":
+        return None
+    pad = conv.get("padding", 0)
+    kernel = layer.weight_shape[2:]
+    if pad == "valid":
+        return tuple(0 for _ in kernel)
+    if pad == "same":
+        if any(s != 1 for s in conv["stride"]):
+            return None
+        total = [d * (k - 1) for d, k in zip(conv["dilation"], kernel)]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return tuple(pad)
+
+
+def gemm_supported(layer: LayerInfo) -> bool:
+    """Whether a layer maps to one dense GEMM (grouped/depthwise convs do not)."""
+    if layer.kind == "linear":
+        return True
+    return layer.groups == 1 and resolve_padding(layer) is not None
+
+
+class QuantGemm(nn.Module):
+    """Base of the quantized modules: reshapes the input to a GEMM, calls :meth:`gemm`, reshapes back.
+
+    ``input_dtype`` casts the input before im2col, so the (larger) unfolded matrix is built in the kernel's own
+    activation dtype rather than copied again.
+    """
+
+    input_dtype: torch.dtype | None = None
+
+    def __init__(self, layer: LayerInfo, bias: Tensor | None):
+        super().__init__()
+        self.kind = layer.kind
+        self.layer_name = layer.name
+        self.n = layer.n
+        self.k = layer.k
+        self.kernel_size = tuple(layer.weight_shape[2:])
+        if layer.kind != "linear":
+            self.stride = tuple(layer.conv["stride"])
+            self.dilation = tuple(layer.conv["dilation"])
+            self.padding = resolve_padding(layer)
+            if self.padding is None or layer.groups != 1:
+                raise ValueError(f"layer {layer.name!r}: grouped or non-zero-padded convs have no GEMM kernel")
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def gemm(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_dtype is not None:
+            x = x.to(self.input_dtype)
+        if self.kind == "linear":
+            lead = x.shape[:-1]
+            return self.gemm(x.reshape(-1, self.k)).reshape(*lead, self.n)
+        if self.kind == "conv1d":
+            x4 = x.unsqueeze(2)
+            y = self._conv2d(x4, (1, *self.kernel_size), (1, *self.stride), (0, *self.padding), (1, *self.dilation))
+            return y.squeeze(2)
+        return self._conv2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def _conv2d(self, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+        b, _, h, w = x.shape
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
+        ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        rows = cols.transpose(1, 2).reshape(-1, self.k)
+        y = self.gemm(rows)  # [B*L, N]
+        return y.reshape(b, ho * wo, self.n).transpose(1, 2).reshape(b, self.n, ho, wo)
+
+    def _add_bias(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, k={self.k}, n={self.n}"
+
+
+def pad_to(t: Tensor, rows: int | None = None, cols: int | None = None) -> Tensor:
+    """Zero-pad a 2-D tensor to at least ``rows`` x ``cols``."""
+    pr = 0 if rows is None else max(rows - t.shape[0], 0)
+    pc = 0 if cols is None else max(cols - t.shape[1], 0)
+    return F.pad(t, (0, pc, 0, pr)) if (pr or pc) else t
+
+
+def round_up(x: int, m: int) -> int:
+    return math.ceil(x / m) * m
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of a module's state dict (what a saved checkpoint of it holds)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, Tensor))
+
+
+def describe(module: nn.Module) -> dict[str, Any]:
+    return {"type": type(module).__name__, "bytes": state_bytes(module)}

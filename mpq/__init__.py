@@ -1,0 +1,45 @@
+"""mpq: mixed-precision bit-allocation search for PyTorch models.
+
+    import mpq
+    result = mpq.search(model, calib_batches, eval_fn, budget=mpq.Budget(size=0.3))
+    mpq.apply(model, result.config)          # swaps layers for real integer kernels
+
+``import mpq`` loads only the light core (configs, budgets); ``search``/``apply`` load torch-side code on first use,
+and neither CUDA nor Ray is touched until a search asks for them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mpq.budget import Budget
+from mpq.config import FLOAT, BitConfig, LayerBits
+from mpq.errors import (BudgetError, CalibrationError, ConfigError, KernelUnavailableError, MpqError,
+                        NoQuantizableLayersError)
+
+__version__ = "0.1.0"
+
+_LAZY = {"search": "mpq.api", "apply": "mpq.api", "load_quantized": "mpq.api", "SearchResult": "mpq.api",
+         "load_reference": "mpq.models", "fake_quantize": "mpq.fakequant", "discover_layers": "mpq.layers",
+         "build_search_space": "mpq.space"}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mpq.api import SearchResult, apply, load_quantized, search  # noqa: F401
+    from mpq.fakequant import fake_quantize  # noqa: F401
+    from mpq.layers import discover_layers  # noqa: F401
+    from mpq.models import load_reference  # noqa: F401
+    from mpq.space import build_search_space  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mpq' has no attribute {name!r}")
+
+
+__all__ = ["Budget", "BitConfig", "LayerBits", "FLOAT", "MpqError", "ConfigError", "BudgetError", "CalibrationError",
+           "NoQuantizableLayersError", "KernelUnavailableError", *_LAZY]

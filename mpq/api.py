@@ -1,0 +1,367 @@
+"""The front door: :func:`search` finds per-layer bits under a budget, :func:`apply` installs them.
+
+``search`` leaves the model alone and returns data (a :class:`SearchResult`); ``apply`` changes the model, swapping
+each quantized layer for a module that runs the device's real kernel. This module is the only part of the core that
+reaches into the stage packages (sensitivity, workers, solvers, dashboards), and it does so when called.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mpq.budget import Budget
+from mpq.calib import CalibrationSet, LossFn
+from mpq.config import FLOAT, BitConfig, LayerBits
+from mpq.costs import MB, Reference, build_cost_table, fixed_costs, float_reference
+from mpq.errors import ConfigError
+from mpq.layers import LayerInventory, discover_layers, first_tensor, set_submodule
+from mpq.registry import kernel_for, normalize_device
+from mpq.space import SearchSpace, build_search_space, validate_config
+
+log = logging.getLogger(__name__)
+
+INT8_PREFERENCE = ("w8a8", "w8a16")  # uniform INT8 baseline: the first of these each layer offers
+INT4_PREFERENCE = ("w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w4a8")  # uniform INT4: fewest bytes first
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# apply
+# --------------------------------------------------------------------------------------------------------------------
+def apply(model: nn.Module, bit_config: BitConfig | str | Path, device: str = "cpu",
+          inventory: LayerInventory | None = None) -> nn.Module:
+    """Swap every quantized layer of ``bit_config`` for its kernel's module on ``device``; float layers stay.
+
+    Changes ``model`` in place and returns it. The config is validated first: a missing layer or bits that no kernel
+    of ``device`` runs raise a :class:`~mpq.errors.ConfigError` naming the layer and the allowed options.
+    """
+    config = bit_config if isinstance(bit_config, BitConfig) else BitConfig.load(bit_config)
+    dev = normalize_device(device)
+    inv = inventory or discover_layers(model)
+    validate_config(config, model, dev, inventory=inv)
+    for name, bits in config.quantized().items():
+        layer = inv[name]
+        quantized = kernel_for(layer, bits, dev).convert(model.get_submodule(name), layer, bits)
+        set_submodule(model, name, quantized.to(device))
+    model.eval()
+    return model
+
+
+def load_quantized(model: nn.Module, bit_config: BitConfig | str | Path, state_dict: str | Path | Mapping,
+                   device: str = "cpu") -> nn.Module:
+    """Rebuild a saved quantized model: apply the config to a fresh float model, then load the packed weights
+    (a state dict of plain tensors, loaded with ``weights_only=True``)."""
+    apply(model, bit_config, device)
+    state = torch.load(state_dict, map_location=device, weights_only=True) if isinstance(state_dict, (str, Path)) \
+        else state_dict
+    model.load_state_dict(state)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# search
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    """What a search found: the chosen config, the frontier, per-layer tables, and measured numbers."""
+
+    config: BitConfig
+    frontier: pd.DataFrame
+    layers: pd.DataFrame
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    info: dict[str, Any]
+    latency: Any = None  # mpq.workers.LatencyTable
+    sensitivity: Any = None  # mpq.sensitivity.SensitivityResult
+    inventory: LayerInventory | None = None
+    run_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, name: str) -> dict[str, Any]:
+        return self.summary.set_index("name").loc[name].to_dict()
+
+    @property
+    def measured(self) -> dict[str, Any]:
+        """The applied (real-kernel) model's measured latency and metric for the chosen config."""
+        r = self.row("chosen")
+        return {"latency_ms": r["latency_measured_ms"], "metric": r["metric_real"],
+                "metric_fakequant": r["metric_fakequant"], "latency_predicted_ms": r["latency_predicted_ms"]}
+
+    def __repr__(self) -> str:
+        r = self.row("chosen")
+        return (f"SearchResult({self.config!r}, size {r['size_mb']:.4g} MB, predicted {r['latency_predicted_ms']:.4g} "
+                f"ms, measured {r['latency_measured_ms']:.4g} ms, {self.info.get('metric')} {r['metric_real']})")
+
+
+def _hash_model(model: nn.Module) -> str:
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else
+                 t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _hash_calib(calib: CalibrationSet) -> str:
+    h = hashlib.sha1()
+    for x, y in calib.batches:
+        for t in (first_tensor(x), y):
+            if isinstance(t, torch.Tensor):
+                h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resize_batch(inputs: Any, n: int) -> Any:
+    """The example input with batch size ``n`` (rows repeated or cut)."""
+    if isinstance(inputs, torch.Tensor):
+        reps = -(-n // inputs.shape[0])
+        return inputs.repeat(reps, *([1] * (inputs.dim() - 1)))[:n] if reps > 1 else inputs[:n]
+    if isinstance(inputs, dict):
+        return {k: _resize_batch(v, n) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_resize_batch(v, n) for v in inputs)
+    return inputs
+
+
+def uniform_choice(space: SearchSpace, preference: Iterable[str], fallback: Mapping[str, str] | None = None
+                   ) -> dict[str, str]:
+    """Per layer, the first preferred option it offers (else ``fallback``'s, else float)."""
+    out = {}
+    for layer, opts in space.options.items():
+        names = [b.name for b in opts]
+        pick = next((p for p in preference if p in names), None)
+        out[layer] = pick or (fallback or {}).get(layer, names[0] if FLOAT.name not in names else FLOAT.name)
+    return out
+
+
+def _config_of(choice: Mapping[str, str], **meta: Any) -> BitConfig:
+    return BitConfig({k: LayerBits.parse(v) for k, v in choice.items()}, meta=meta)
+
+
+def _sensitivity_stage(model, calib, space, inventory, estimator, estimator_options, loss_fn, progress, out,
+                       key: str):
+    """Run the estimator, or reuse the scores a previous run with the same inputs left in ``out``."""
+    from mpq.sensitivity import SensitivityResult, get_estimator
+
+    if out is not None:
+        meta_path, scores_path = out / "sensitivity.json", out / "scores.csv"
+        if meta_path.exists() and scores_path.exists():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("key") == key:
+                log.info("sensitivity: reusing %s from an earlier run (same model, data, space, estimator)",
+                         scores_path)
+                stats_path = out / "layer_stats.csv"
+                stats = pd.read_csv(stats_path) if stats_path.exists() else pd.DataFrame()
+                return SensitivityResult(meta["estimator"], pd.read_csv(scores_path), stats,
+                                         {**meta["cost"], "reused": True})
+    est = get_estimator(estimator, **(estimator_options or {}))
+    result = est.estimate(model, calib, space, inventory, loss_fn=loss_fn, progress=progress)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        result.scores.to_csv(out / "scores.csv", index=False)
+        result.layer_stats.to_csv(out / "layer_stats.csv", index=False)
+        (out / "sensitivity.json").write_text(json.dumps(
+            {"key": key, "estimator": result.estimator, "cost": result.cost}, indent=2, default=str))
+    return result
+
+
+def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], float] | None = None, *,
+           budget: Budget | Mapping[str, float] | str, device: str = "cpu", estimator: str = "hessian",
+           solver: str = "ilp", loss_fn: LossFn | None = None, batch_size: int | None = None,
+           profile: str = "ray", address: str | None = None, out: str | Path | None = None,
+           metric: str = "metric", higher_is_better: bool = True, frontier_points: int = 12,
+           allowed: Iterable[LayerBits | str] | None = None, pinned: Mapping[str, LayerBits | str] | None = None,
+           threads: int | None = None, repeats: int = 15, warmup: int = 3, cache: bool | str | Path = True,
+           estimator_options: Mapping[str, Any] | None = None, evaluate_frontier: bool = True,
+           tie_tolerance: float = 1e-3,
+           model_name: str | None = None, progress: bool = True, command: str | None = None) -> SearchResult:
+    """Find per-layer bits that keep the most accuracy within ``budget`` on ``device``.
+
+    Stages: layer discovery -> search space from the device's kernels -> sensitivity (``estimator``) -> latency of
+    every (layer, option) workload measured on the device (``profile``: ``"ray"`` or ``"inprocess"``, cached) ->
+    ILP under the budget and a frontier by budget sweeps -> the chosen config and uniform INT8/INT4 baselines
+    applied on the real kernels, their latency measured and ``eval_fn`` evaluated. With ``out``, writes the run
+    directory (config, tables, report, dashboard); re-running into the same ``out`` reuses finished sensitivities.
+
+    ``budget``: absolute (``size_mb``, ``bops``, ``latency_ms``) or relative to the float model (``size``,
+    ``latency``, ``bops_ratio``), as a :class:`Budget`, dict or string like ``"size=0.3"``.
+
+    ``tie_tolerance``: allocations whose predicted loss increase is within this fraction of the float model's
+    calibration loss of the lowest one are ties for practical purposes, and the fastest of them is chosen (0 keeps
+    the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the way to
+    reproduce the run.
+    """
+    from mpq.solvers import get_solver, sweep_frontier, totals_of
+    from mpq.workers import profile_workloads, time_model, time_models, workloads_for
+
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+    dev = normalize_device(device)
+    budget = Budget.parse(budget)
+    if budget.is_unlimited:
+        raise ConfigError("search needs a budget: e.g. budget='size=0.3' (30% of the float size), "
+                          "'latency=0.6', or absolute 'size_mb=0.5', 'latency_ms=2', 'bops=1e9'")
+    out = Path(out) if out is not None else None
+    model_name = model_name or type(model).__name__
+    threads = threads or torch.get_num_threads()
+    model.eval()
+
+    calib = CalibrationSet.from_any(calib_data)
+    calib.check(model)
+    inventory = discover_layers(model, calib.example)
+    space = build_search_space(inventory, dev, allowed, pinned)
+    example = calib.example if batch_size is None else _resize_batch(calib.example, batch_size)
+    batch = batch_size or calib.batch_size
+    stages["discover"] = time.perf_counter() - t_start
+
+    # Sensitivity (resumable from the run directory).
+    t0 = time.perf_counter()
+    key = hashlib.sha1(json.dumps({
+        "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(estimator),
+        "options": dict(estimator_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
+        "loss": getattr(loss_fn, "__qualname__", None)}, sort_keys=True, default=str).encode()).hexdigest()
+    sens = _sensitivity_stage(model, calib, space, inventory, estimator, estimator_options, loss_fn, progress, out,
+                              key)
+    stages["sensitivity"] = time.perf_counter() - t0
+
+    # Latency of every workload on the device, and of the float model end to end.
+    t0 = time.perf_counter()
+    workloads, by_pair = workloads_for(inventory, space, batch_size)
+    latency = profile_workloads(workloads, dev, backend=profile, address=address, cache=cache, threads=threads,
+                                warmup=warmup, repeats=repeats, progress=progress)
+    stages["profile"] = time.perf_counter() - t0
+    float_timing = time_model(model, example, warmup, repeats, threads=threads, device=dev)
+
+    def latency_of(layer, bits: LayerBits) -> float:
+        return latency.median_ms(by_pair[(layer.name, bits.name)]) * max(layer.calls, 1)
+
+    costs = build_cost_table(inventory, space, latency_of)
+    float_layers_ms = sum(latency.median_ms(by_pair[(l.name, FLOAT.name)]) * max(l.calls, 1)
+                          for l in inventory if (l.name, FLOAT.name) in by_pair)
+    fixed = fixed_costs(inventory, float_timing.median_ms, float_layers_ms)
+    reference: Reference = float_reference(inventory, float_timing.median_ms)
+    table = costs.merge(sens.scores[["layer", "option", "score"]], on=["layer", "option"], how="left")
+    limits = budget.resolve(reference.as_dict())
+
+    # Solve (ties, within tie_tolerance of the float loss, go to the fastest), and sweep the frontier.
+    t0 = time.perf_counter()
+    float_loss = _calibration_loss(model, calib, loss_fn)
+    slack = max(tie_tolerance, 0.0) * abs(float_loss)
+    allocation = get_solver(solver)(table, limits, fixed, secondary="latency_ms", slack=slack)
+    frontier = pd.concat([sweep_frontier(table, r, fixed, points=frontier_points, progress=progress)
+                          for r in ("size_mb", "latency_ms")], ignore_index=True)
+    stages["solve"] = time.perf_counter() - t0
+    config = _config_of(allocation.choice, model=model_name, device=dev, budget=str(budget),
+                        estimator=sens.estimator, solver=allocation.solver)
+
+    # Evaluate: fake-quant along the frontier; real kernels for the chosen config and the uniform baselines.
+    t0 = time.perf_counter()
+    int8 = uniform_choice(space, INT8_PREFERENCE)
+    int4 = uniform_choice(space, INT4_PREFERENCE, fallback=int8)
+    candidates = {"float": {n: FLOAT.name for n in space.layers}, "chosen": dict(allocation.choice),
+                  "uniform_int8": int8, "uniform_int4": int4}
+    fq_cache: dict[str, float] = {}
+
+    def fakequant_metric(choice: Mapping[str, str]) -> float:
+        k = json.dumps(dict(sorted(choice.items())))
+        if eval_fn is not None and k not in fq_cache:
+            from mpq.fakequant import fake_quantize
+
+            fq_cache[k] = float(eval_fn(fake_quantize(model, _config_of(choice), dev, inventory)))
+        return fq_cache.get(k, float("nan"))
+
+    if evaluate_frontier and eval_fn is not None and len(frontier):
+        from tqdm.auto import tqdm
+
+        frontier["metric"] = [fakequant_metric(json.loads(c)) for c in
+                              tqdm(frontier["choice"], desc="frontier metrics", disable=not progress, leave=False)]
+    applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory)
+               for name, choice in candidates.items()}
+    measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev)
+    rows = []
+    for name, choice in candidates.items():
+        score, totals = totals_of(table, choice, fixed)
+        real = float(eval_fn(applied[name])) if eval_fn is not None else float("nan")
+        rows.append({"name": name, "score": score, "size_mb": totals["size_mb"], "bops": totals["bops"],
+                     "latency_predicted_ms": totals["latency_ms"], "latency_measured_ms": measured[name].median_ms,
+                     "latency_measured_q1_ms": measured[name].q1_ms, "latency_measured_q3_ms": measured[name].q3_ms,
+                     "metric_fakequant": real if name == "float" else fakequant_metric(choice), "metric_real": real,
+                     "histogram": json.dumps(_config_of(choice).histogram()),
+                     "choice": json.dumps(dict(sorted(choice.items())))})
+    summary = pd.DataFrame(rows)
+    stages["evaluate"] = time.perf_counter() - t0
+
+    chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
+    if len(frontier):
+        frontier["chosen"] = frontier["choice"] == chosen_key
+        frontier.insert(0, "point", range(len(frontier)))
+    layers = _layer_table(inventory, space, table, allocation.choice, sens)
+    stages["total"] = time.perf_counter() - t_start
+    info = {
+        "model": model_name, "device": dev, "fingerprint": latency.fingerprint,
+        "fingerprint_id": latency.fingerprint_id, "metric": metric, "higher_is_better": higher_is_better,
+        "budget": budget.given(), "budget_text": str(budget), "limits": limits, "reference": reference.as_dict(),
+        "fixed": fixed, "float_layers_latency_ms": float_layers_ms, "batch_size": batch, "threads": threads,
+        "estimator": sens.estimator, "sensitivity_cost": sens.cost, "solver": allocation.solver,
+        "float_calib_loss": float_loss, "tie_tolerance": tie_tolerance, "tie_slack": slack,
+        "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
+        "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
+                    "cache_hits": latency.cache_hits, "repeats": repeats, "warmup": warmup},
+        "layers": len(inventory), "kept_float": len(inventory.kept_float), "space_size": space.size(),
+        "space_notes": dict(space.notes), "stages_seconds": stages, "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result = SearchResult(config, frontier, layers, table, summary, info, latency, sens, inventory)
+    if out is not None:
+        from mpq.artifacts import write_run
+        from mpq.dashboards import write_dashboard
+
+        result.info["command"] = command
+        write_run(result, out)
+        write_dashboard(out)
+    log.info("search done in %.1fs: %r", stages["total"], result)
+    return result
+
+
+def _calibration_loss(model: nn.Module, calib: CalibrationSet, loss_fn: LossFn | None) -> float:
+    """Mean loss of the float model over the calibration batches (the scale of the tie tolerance)."""
+    from mpq.calib import default_loss
+    from mpq.layers import call_model
+
+    if loss_fn is None:
+        calib, loss_fn = calib.with_pseudo_labels(model), default_loss
+    with torch.no_grad():
+        return sum(float(loss_fn(call_model(model, x), y)) for x, y in calib.batches) / len(calib)
+
+
+def _layer_table(inventory: LayerInventory, space: SearchSpace, table: pd.DataFrame, choice: Mapping[str, str],
+                 sens) -> pd.DataFrame:
+    idx = table.set_index(["layer", "option"])
+    rows = []
+    for layer in inventory:
+        opt = choice.get(layer.name, FLOAT.name)
+        r = idx.loc[(layer.name, opt)]
+        flt = idx.loc[(layer.name, FLOAT.name)] if (layer.name, FLOAT.name) in idx.index else None
+        rows.append({
+            "layer": layer.name, "kind": layer.kind, "weight_shape": "x".join(map(str, layer.weight_shape)),
+            "params": layer.params, "macs": layer.macs, "calls": layer.calls,
+            "options": " ".join(b.name for b in space[layer.name]), "option": opt,
+            "w_bits": r["w_bits"], "a_bits": r["a_bits"], "group_size": r["group_size"],
+            "score": r["score"], "size_mb": r["size_mb"], "bops": r["bops"], "latency_ms": r["latency_ms"],
+            "float_latency_ms": None if flt is None else flt["latency_ms"],
+            "float_size_mb": layer.float_bytes() / MB,
+        })
+    out = pd.DataFrame(rows)
+    if sens is not None and len(sens.layer_stats):
+        out = out.merge(sens.layer_stats, on="layer", how="left")
+    return out

@@ -1,0 +1,215 @@
+"""The ``mpq`` command line. Option defaults come from the Python functions' own defaults.
+
+    mpq search --model digits-cnn --budget size=0.3 --out runs/demo
+    mpq profile --model digits-cnn
+    mpq apply --model digits-cnn --config runs/demo/config.json --out runs/demo/quantized.pt
+    mpq dashboard runs/demo [--open]
+    mpq models
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mpq")
+
+
+def _default(fn, name: str) -> Any:
+    return inspect.signature(fn).parameters[name].default
+
+
+def load_task(spec: str):
+    """A bundled reference model by name, or ``package.module:function`` returning a ReferenceTask-like object
+    (attributes ``model``, ``calib``, ``eval_fn``, ``metric``, ``higher_is_better``, ``name``)."""
+    from mpq.models import load_reference, reference_names
+
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        sys.path.insert(0, str(Path.cwd()))
+        return getattr(importlib.import_module(mod), fn)()
+    if spec in reference_names():
+        return load_reference(spec)
+    raise SystemExit(f"mpq: unknown model {spec!r}: use one of {', '.join(reference_names())} or module:function")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mpq.api import search
+    from mpq.workers import profile_workloads
+
+    p = argparse.ArgumentParser(prog="mpq", description="Mixed-precision bit-allocation search for PyTorch models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, model_required=True):
+        sp.add_argument("--model", required=model_required, help="bundled model (digits-cnn, char-lm) or module:fn")
+        sp.add_argument("--device", default=_default(search, "device"), help="cpu (cuda with the GPU kernels)")
+        sp.add_argument("--batch-size", type=int, default=_default(search, "batch_size"),
+                        help="batch to profile and time at (default: the calibration batch)")
+        sp.add_argument("--threads", type=int, default=_default(search, "threads"),
+                        help="intra-op threads for latency measurement (default: torch's)")
+
+    s = sub.add_parser("search", help="find per-layer bits under a budget and write a run directory")
+    common(s)
+    s.add_argument("--budget", required=True, action="append",
+                   help="e.g. size=0.3 (of float), latency=0.6, size_mb=0.5, latency_ms=2, bops=1e9; repeatable")
+    s.add_argument("--out", required=True, help="run directory to write")
+    s.add_argument("--estimator", default=_default(search, "estimator"))
+    s.add_argument("--solver", default=_default(search, "solver"))
+    s.add_argument("--profile", default=_default(search, "profile"), choices=["ray", "inprocess"])
+    s.add_argument("--address", default=_default(search, "address"), help="Ray cluster address (default: local)")
+    s.add_argument("--frontier-points", type=int, default=_default(search, "frontier_points"))
+    s.add_argument("--repeats", type=int, default=_default(search, "repeats"))
+    s.add_argument("--allowed", default=None, help="comma-separated options to allow, e.g. w8a8,w4a16g32")
+    s.add_argument("--no-cache", action="store_true", help="measure every workload again")
+
+    pr = sub.add_parser("profile", help="measure every (layer, option) workload of a model and print the table")
+    common(pr)
+    pr.add_argument("--profile", default=_default(profile_workloads, "backend"), choices=["ray", "inprocess"])
+    pr.add_argument("--address", default=None)
+    pr.add_argument("--repeats", type=int, default=_default(profile_workloads, "repeats"))
+    pr.add_argument("--out", default=None, help="write the table as CSV")
+    pr.add_argument("--no-cache", action="store_true")
+
+    a = sub.add_parser("apply", help="apply a bit config on real kernels; report metric, latency and size")
+    common(a)
+    a.add_argument("--config", required=True, help="config.json of a run")
+    a.add_argument("--out", default=None, help="save the quantized state dict (weights_only-loadable)")
+
+    d = sub.add_parser("dashboard", help="write (and optionally open) a run's dashboard.html")
+    d.add_argument("run", help="run directory")
+    d.add_argument("--out", default=None)
+    d.add_argument("--open", action="store_true", help="open it in a browser")
+
+    r = sub.add_parser("report", help="re-render a run's report.md")
+    r.add_argument("run")
+    sub.add_parser("models", help="list the bundled reference models")
+    return p
+
+
+def cmd_search(args) -> int:
+    from mpq.api import search
+    from mpq.budget import Budget
+    from mpq.report import summary_line
+
+    task = load_task(args.model)
+    budget = Budget.parse(",".join(args.budget))
+    command = "mpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    result = search(task.model, task.calib, task.eval_fn, budget=budget, device=args.device,
+                    estimator=args.estimator, solver=args.solver, batch_size=args.batch_size, profile=args.profile,
+                    address=args.address, out=args.out, metric=task.metric, higher_is_better=task.higher_is_better,
+                    frontier_points=args.frontier_points, threads=args.threads, repeats=args.repeats,
+                    allowed=args.allowed.split(",") if args.allowed else None, cache=not args.no_cache,
+                    model_name=task.name, progress=not args.quiet, command=command)
+    print(summary_line(args.out))
+    print(f"run directory: {Path(args.out).resolve()} (report.md, dashboard.html, config.json)")
+    return 0 if result else 1
+
+
+def cmd_profile(args) -> int:
+    import pandas as pd
+
+    from mpq.layers import discover_layers
+    from mpq.space import build_search_space
+    from mpq.workers import profile_workloads, workloads_for
+
+    task = load_task(args.model)
+    inv = discover_layers(task.model, task.calib[0][0])
+    space = build_search_space(inv, args.device)
+    workloads, _ = workloads_for(inv, space, args.batch_size)
+    table = profile_workloads(workloads, args.device, backend=args.profile, address=args.address,
+                              cache=not args.no_cache, threads=args.threads, repeats=args.repeats,
+                              progress=not args.quiet)
+    if args.out:
+        table.save(args.out)
+    with pd.option_context("display.width", 160, "display.max_rows", 500):
+        print(table.frame[["kind", "option", "weight_shape", "input_shape", "median_ms", "q1_ms", "q3_ms",
+                           "source"]].to_string(index=False))
+    print(f"{len(table)} workloads on {table.fingerprint.get('name')} ({table.fingerprint.get('threads')} threads): "
+          f"{table.measured} measured, {table.cache_hits} from cache")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    import copy
+
+    import torch
+
+    from mpq.api import _resize_batch, apply
+    from mpq.config import BitConfig
+    from mpq.kernels.gemm import state_bytes
+    from mpq.workers import time_model
+
+    task = load_task(args.model)
+    config = BitConfig.load(args.config)
+    example = task.calib[0][0] if args.batch_size is None else _resize_batch(task.calib[0][0], args.batch_size)
+    float_ms = time_model(task.model, example, threads=args.threads).median_ms
+    float_metric = task.eval_fn(task.model)
+    float_bytes = state_bytes(task.model)
+    model = apply(copy.deepcopy(task.model), config, args.device)
+    ms = time_model(model, example, threads=args.threads).median_ms
+    metric = task.eval_fn(model)
+    print(json.dumps({"config": args.config, "quantized_layers": len(config.quantized()),
+                      task.metric: metric, f"float_{task.metric}": float_metric, "latency_ms": ms,
+                      "float_latency_ms": float_ms, "size_mb": state_bytes(model) / 1e6,
+                      "float_size_mb": float_bytes / 1e6}, indent=2))
+    if args.out:
+        torch.save(model.state_dict(), args.out)
+        print(f"saved quantized state dict to {args.out} (load with mpq.load_quantized)")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from mpq.dashboards import write_dashboard
+
+    path = write_dashboard(args.run, args.out)
+    print(path)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mpq.errors import MpqError
+
+    try:
+        if args.cmd == "search":
+            return cmd_search(args)
+        if args.cmd == "profile":
+            return cmd_profile(args)
+        if args.cmd == "apply":
+            return cmd_apply(args)
+        if args.cmd == "dashboard":
+            return cmd_dashboard(args)
+        if args.cmd == "report":
+            from mpq.report import write_report
+
+            print(write_report(args.run))
+            return 0
+        if args.cmd == "models":
+            from mpq.models import _TASKS
+
+            for name, mod in _TASKS.items():
+                print(f"{name}: {importlib.import_module(mod).__doc__.strip().splitlines()[0]}")
+            return 0
+    except MpqError as e:
+        print(f"mpq: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Per-layer bit-widths: :class:`LayerBits` for one layer, :class:`BitConfig` for a model.
+
+Both are frozen and JSON-versioned. A config names layers by their module path (``model.get_submodule(name)``);
+layers it does not name stay in float. Whether a config can run on a device is checked by :meth:`BitConfig.validate`,
+which asks the kernel registry of that device.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+from mpq.errors import ConfigError
+
+FORMAT = "mpq.bitconfig"
+VERSION = 1
+WEIGHT_BITS = range(2, 9)  # 2..8
+ACT_BITS = (8, 16)  # integer 8 / 16-bit (or a 16-bit float format where the kernel says so); None keeps float
+GROUP_SIZES = (16, 32, 64, 128, 256, 512)
+
+_NAME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+|f))?(?:g(?P<g>\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class LayerBits:
+    """Bits of one layer: weight bits, activation bits and the weight group size.
+
+    ``w_bits=None`` keeps the weight in float, ``a_bits=None`` keeps activations in float, ``group_size=None`` means
+    one scale per output channel. The exact numerics (symmetric or not, scale dtype, how activations are scaled) are
+    the kernel's: see :meth:`mpq.registry.Kernel.scheme`.
+    """
+
+    w_bits: int | None = None
+    a_bits: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.w_bits is not None and self.w_bits not in WEIGHT_BITS:
+            raise ConfigError(f"weight bits {self.w_bits!r} not allowed: use 2..8, or None for float")
+        if self.a_bits is not None and self.a_bits not in ACT_BITS:
+            raise ConfigError(f"activation bits {self.a_bits!r} not allowed: use one of {ACT_BITS}, or None for float")
+        if self.group_size is not None:
+            if self.w_bits is None:
+                raise ConfigError(f"group size {self.group_size} given for float weights: a group needs w_bits")
+            if self.group_size not in GROUP_SIZES:
+                raise ConfigError(f"group size {self.group_size!r} not allowed: use one of {GROUP_SIZES} or None")
+
+    @property
+    def is_float(self) -> bool:
+        return self.w_bits is None and self.a_bits is None
+
+    @property
+    def name(self) -> str:
+        """Short name: ``float``, ``w8a8``, ``w8a16``, ``w4a16g32``, ``w4af`` (float activations)."""
+        if self.is_float:
+            return "float"
+        if self.w_bits is None:
+            raise ConfigError(f"float weights with {self.a_bits}-bit activations have no name: not supported")
+        a = "f" if self.a_bits is None else str(self.a_bits)
+        g = "" if self.group_size is None else f"g{self.group_size}"
+        return f"w{self.w_bits}a{a}{g}"
+
+    @classmethod
+    def parse(cls, text: str) -> LayerBits:
+        """Inverse of :attr:`name`; ``w4g128`` (no ``a``) means float activations."""
+        text = text.strip().lower()
+        if text in ("float", "fp", "fp32", "none"):
+            return FLOAT
+        m = _NAME.match(text)
+        if not m:
+            raise ConfigError(f"cannot parse layer bits {text!r}: expected 'float' or e.g. 'w8a8', 'w4a16g128'")
+        a = m["a"]
+        return cls(
+            w_bits=int(m["w"]),
+            a_bits=None if a in (None, "f") else int(a),
+            group_size=None if m["g"] is None else int(m["g"]),
+        )
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerBits:
+        unknown = set(d) - {"w_bits", "a_bits", "group_size"}
+        if unknown:
+            raise ConfigError(f"unknown layer-bits keys {sorted(unknown)}: allowed are w_bits, a_bits, group_size")
+        return cls(d.get("w_bits"), d.get("a_bits"), d.get("group_size"))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FLOAT = LayerBits()
+
+
+@dataclass(frozen=True, eq=False)
+class BitConfig:
+    """Per-layer bits of a model. Layers not named stay in float.
+
+    >>> cfg = BitConfig({"fc1": LayerBits(8, 8), "fc2": LayerBits.parse("w4a16g32")})
+    >>> BitConfig.from_json(cfg.to_json()) == cfg
+    True
+    """
+
+    layers: Mapping[str, LayerBits] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        layers = {}
+        for name, bits in dict(self.layers).items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"layer names must be non-empty strings, got {name!r}")
+            if isinstance(bits, str):
+                bits = LayerBits.parse(bits)
+            elif isinstance(bits, Mapping):
+                bits = LayerBits.from_dict(bits)
+            elif not isinstance(bits, LayerBits):
+                raise ConfigError(f"layer {name!r}: bits must be LayerBits, a name like 'w8a8' or a dict, got {bits!r}")
+            layers[name] = bits
+        object.__setattr__(self, "layers", MappingProxyType(dict(sorted(layers.items()))))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    # --- mapping-like access -------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> LayerBits:
+        return self.layers.get(name, FLOAT)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BitConfig):
+            return NotImplemented
+        return dict(self.quantized()) == dict(other.quantized())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.quantized().items()))
+
+    def quantized(self) -> Mapping[str, LayerBits]:
+        """The layers that are not float."""
+        return {k: v for k, v in self.layers.items() if not v.is_float}
+
+    @classmethod
+    def uniform(cls, names: Iterable[str], bits: LayerBits | str, **meta: Any) -> BitConfig:
+        bits = LayerBits.parse(bits) if isinstance(bits, str) else bits
+        return cls({n: bits for n in names}, meta=meta)
+
+    def with_layer(self, name: str, bits: LayerBits | str) -> BitConfig:
+        return BitConfig({**self.layers, name: bits}, meta=self.meta)
+
+    def histogram(self) -> dict[str, int]:
+        """How many named layers take each option."""
+        out: dict[str, int] = {}
+        for bits in self.layers.values():
+            out[bits.name] = out.get(bits.name, 0) + 1
+        return dict(sorted(out.items()))
+
+    # --- JSON ----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "meta": dict(self.meta),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BitConfig:
+        if d.get("format") != FORMAT:
+            raise ConfigError(f"not an mpq bit config: format is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("version") != VERSION:
+            raise ConfigError(f"bit config version {d.get('version')!r} is not supported: this mpq reads {VERSION}")
+        layers = d.get("layers")
+        if not isinstance(layers, Mapping):
+            raise ConfigError("bit config has no 'layers' mapping")
+        return cls({k: LayerBits.from_dict(v) for k, v in layers.items()}, meta=d.get("meta", {}))
+
+    @classmethod
+    def from_json(cls, text: str) -> BitConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"bit config is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> BitConfig:
+        return cls.from_json(Path(path).read_text())
+
+    # --- validation against a model --------------------------------------------------------------------------------
+    def validate(self, model, device: str = "cpu", example_input=None) -> None:
+        """Raise :class:`ConfigError` if a named layer is missing or its bits have no kernel on ``device``."""
+        from mpq.space import validate_config  # lazy: needs torch and the kernel registry
+
+        validate_config(self, model, device=device, example_input=example_input)
+
+    def __repr__(self) -> str:
+        return f"BitConfig({len(self.quantized())} quantized of {len(self.layers)} named; {self.histogram()})"

@@ -1,0 +1,88 @@
+"""Fake-quantized models: the float reference of what a bit config will compute on its kernels.
+
+A :class:`FakeQuantLayer` holds ``Q(W)`` (dequantized once) and fake-quantizes its input as the kernel's
+:class:`~mpq.quant.QuantScheme` says, so its output matches the real kernel up to accumulation order. It runs in
+float on any device and keeps gradients flowing to nothing (weights are buffers): it is for evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpq.config import BitConfig
+from mpq.layers import LayerInfo, LayerInventory, call_model, discover_layers, set_submodule
+from mpq.quant import ActivationQuantizer, QuantScheme, fake_quantize_weight, torch_dtype
+from mpq.registry import scheme_for
+
+
+class FakeQuantLayer(nn.Module):
+    """A Linear/Conv1d/Conv2d whose weight is ``Q(W)`` and whose input is fake-quantized."""
+
+    def __init__(self, module: nn.Module, scheme: QuantScheme, name: str = ""):
+        super().__init__()
+        self.scheme = scheme
+        self.name = name
+        self.kind = type(module).__name__
+        w = module.weight.detach()
+        self.register_buffer("weight", w if scheme.weight is None else fake_quantize_weight(w, scheme.weight))
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach())
+        self.act = ActivationQuantizer(scheme.act, name)
+        self._conv = {}
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            self._conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                              groups=module.groups)
+            self._fn = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+            if module.padding_mode != "zeros":
+                raise ValueError(f"layer {name!r}: padding mode {module.padding_mode!r} is not fake-quantizable")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(x)
+        if self._conv:
+            y = self._fn(x, self.weight, None, **self._conv)
+            if self.scheme.out_dtype:
+                y = y.to(torch_dtype(self.scheme.out_dtype)).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+            return y
+        y = F.linear(x, self.weight)
+        if self.scheme.out_dtype:
+            y = y.to(torch_dtype(self.scheme.out_dtype)).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} {self.name!r}: {self.scheme}"
+
+
+def fake_quantize(model: nn.Module, config: BitConfig, device: str | None = "cpu",
+                  inventory: LayerInventory | None = None, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (or the model itself with ``inplace``) with every non-float layer fake-quantized.
+
+    ``device`` picks whose numerics are emulated (its kernels'); None uses the generic default scheme.
+    """
+    inv = inventory or discover_layers(model)
+    out = model if inplace else copy.deepcopy(model)
+    for name, bits in config.quantized().items():
+        layer: LayerInfo = inv[name]
+        scheme = scheme_for(layer, bits, device)
+        set_submodule(out, name, FakeQuantLayer(out.get_submodule(name), scheme, name))
+    return out
+
+
+def calibrate(model: nn.Module, batches: list[Any]) -> nn.Module:
+    """Run calibration inputs through ``model`` so its static activation quantizers learn their ranges."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    for q in quantizers:
+        q.observing = True
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                call_model(model, inputs)
+    finally:
+        for q in quantizers:
+            q.observing = False
+    return model

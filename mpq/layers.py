@@ -1,0 +1,266 @@
+"""Layer discovery: which modules mpq can quantize, their shapes and their MACs per sample.
+
+MACs and input shapes are measured with forward hooks on an example input, so they are right for any model that
+runs, however it routes tensors. Every other module that holds parameters is listed as kept in float, with why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from mpq.errors import CalibrationError, NoQuantizableLayersError
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE_TYPES: dict[type, str] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer, seen as the GEMM ``[rows, K] x [K, N]`` that its kernel runs."""
+
+    name: str
+    kind: str  # linear | conv1d | conv2d
+    weight_shape: tuple[int, ...]
+    params: int  # weight + bias elements
+    has_bias: bool
+    weight_bytes_per_elem: int  # float storage of the original weight
+    macs: int = 0  # per sample, summed over calls
+    calls: int = 0  # forward calls on the example input
+    input_shape: tuple[int, ...] | None = None  # of the first call, batch dim included
+    batch_size: int = 0  # batch of the example input
+    conv: dict[str, Any] | None = None  # stride, padding, dilation, groups
+
+    @property
+    def n(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def k(self) -> int:
+        """GEMM reduction size: in_features, or in_channels/groups * prod(kernel)."""
+        k = 1
+        for d in self.weight_shape[1:]:
+            k *= d
+        return k
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.conv is None else int(self.conv["groups"])
+
+    def float_bytes(self) -> int:
+        return self.params * self.weight_bytes_per_elem
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["weight_shape"] = "x".join(map(str, self.weight_shape))
+        row["input_shape"] = "" if self.input_shape is None else "x".join(map(str, self.input_shape))
+        row["conv"] = "" if self.conv is None else str(self.conv)
+        row["k"], row["n"] = self.k, self.n
+        return row
+
+
+@dataclass(frozen=True)
+class FloatModule:
+    """A module with parameters that stays in float, and why."""
+
+    name: str
+    type: str
+    params: int
+    bytes: int
+    reason: str
+
+
+@dataclass
+class LayerInventory:
+    layers: list[LayerInfo]
+    kept_float: list[FloatModule] = field(default_factory=list)
+    batch_size: int = 0
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerInfo:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def float_bytes_other(self) -> int:
+        """Bytes of the parameters that are never quantized (kept-float modules)."""
+        return sum(m.bytes for m in self.kept_float)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([layer.to_row() for layer in self.layers])
+
+    def kept_float_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(m) for m in self.kept_float], columns=["name", "type", "params", "bytes", "reason"])
+
+
+def call_model(model: nn.Module, inputs: Any):
+    """Call ``model`` on a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def first_tensor(inputs: Any) -> torch.Tensor:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    values = inputs.values() if isinstance(inputs, dict) else inputs
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise CalibrationError(f"calibration inputs hold no tensor: got {type(inputs).__name__}")
+
+
+def describe_input(inputs: Any) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"tensor of shape {tuple(inputs.shape)} ({inputs.dtype})"
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {describe_input(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, (tuple, list)):
+        return "(" + ", ".join(describe_input(v) for v in inputs) + ")"
+    return type(inputs).__name__
+
+
+def expected_input(model: nn.Module) -> str:
+    """What the model's first quantizable layer expects, for error messages."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            return f"its first layer {name!r} (Linear) expects a last dimension of {m.in_features}"
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            dims = "[batch, channels, length]" if isinstance(m, nn.Conv1d) else "[batch, channels, height, width]"
+            return f"its first layer {name!r} ({type(m).__name__}) expects {dims} with {m.in_channels} channels"
+    return "no Linear/Conv layer tells the expected shape"
+
+
+def run_checked(model: nn.Module, inputs: Any, what: str = "calibration batch 0"):
+    """Run the model, turning a shape error into a :class:`CalibrationError` that says what the model expects."""
+    try:
+        return call_model(model, inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise CalibrationError(
+            f"{what} ({describe_input(inputs)}) does not fit the model: {expected_input(model)}. "
+            f"PyTorch said: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _static_info(name: str, m: nn.Module) -> LayerInfo:
+    kind = QUANTIZABLE_TYPES[type(m)] if type(m) in QUANTIZABLE_TYPES else next(
+        v for t, v in QUANTIZABLE_TYPES.items() if isinstance(m, t))
+    conv = None
+    if kind.startswith("conv"):
+        conv = {"stride": tuple(m.stride), "padding": m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                "dilation": tuple(m.dilation), "groups": m.groups, "padding_mode": m.padding_mode}
+    params = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return LayerInfo(name=name, kind=kind, weight_shape=tuple(m.weight.shape), params=params,
+                     has_bias=m.bias is not None, weight_bytes_per_elem=m.weight.element_size(), conv=conv)
+
+
+def is_quantizable(m: nn.Module) -> bool:
+    return isinstance(m, tuple(QUANTIZABLE_TYPES)) and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInventory:
+    """Find every quantizable layer; with ``example_input`` also measure MACs per sample and input shapes."""
+    infos: dict[str, LayerInfo] = {}
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        if name and is_quantizable(m):
+            infos[name] = _static_info(name, m)
+
+    batch = 0
+    if example_input is not None:
+        stats: dict[str, dict[str, Any]] = {n: {"macs": 0, "calls": 0, "shape": None} for n in infos}
+
+        def hook(name):
+            def fn(mod, inp, out):
+                s = stats[name]
+                s["calls"] += 1
+                if s["shape"] is None:
+                    s["shape"] = tuple(inp[0].shape)
+                k = infos[name].k
+                s["macs"] += out.numel() * k  # every output element is one dot product of length K
+            return fn
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in infos]
+        try:
+            with torch.no_grad():
+                run_checked(model, example_input)
+        finally:
+            for h in handles:
+                h.remove()
+        batch = int(first_tensor(example_input).shape[0])
+        for n, s in stats.items():
+            infos[n] = LayerInfo(**{**asdict(infos[n]), "macs": s["macs"] // max(batch, 1), "calls": s["calls"],
+                                    "input_shape": s["shape"], "batch_size": batch})
+
+    kept: list[FloatModule] = []
+    layers: list[LayerInfo] = []
+    for name, info in infos.items():
+        if example_input is not None and info.calls == 0:
+            m = modules[name]
+            kept.append(FloatModule(name, type(m).__name__, info.params, info.float_bytes(),
+                                    "not called in the forward pass of the example input"))
+        else:
+            layers.append(info)
+    seen = {id(modules[n].weight) for n in infos}
+    for name, m in modules.items():
+        if name in infos:
+            continue
+        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        n = sum(p.numel() for p in own)
+        nbytes = sum(p.numel() * p.element_size() for p in own)
+        kept.append(FloatModule(name or "<root>", type(m).__name__, n, nbytes, _float_reason(m)))
+    if not layers:
+        types = sorted({type(m).__name__ for m in modules.values() if list(m.parameters(recurse=False))})
+        raise NoQuantizableLayersError(
+            f"model {type(model).__name__} has no quantizable layer: mpq quantizes "
+            f"{', '.join(t.__name__ for t in QUANTIZABLE_TYPES)}; its modules with parameters are "
+            f"{types or 'none'}")
+    log.debug("discovered %d quantizable layers, %d kept in float", len(layers), len(kept))
+    return LayerInventory(layers, kept, batch)
+
+
+def _float_reason(m: nn.Module) -> str:
+    t = type(m).__name__
+    if isinstance(m, nn.Embedding):
+        return "Embedding: a table lookup, not a GEMM; kept in float"
+    if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "norm" in t.lower():
+        return f"{t}: normalisation runs in float"
+    if isinstance(m, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"{t}: no quantized kernel for this layer type"
+    return f"{t}: parameters outside Linear/Conv1d/Conv2d stay in float"
+
+
+def modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    mods = dict(model.named_modules())
+    return {n: mods[n] for n in names}

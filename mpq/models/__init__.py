@@ -1,0 +1,67 @@
+"""Bundled reference models, trained by mpq itself on data that ships with Python or its packages.
+
+- ``digits-cnn``: a small CNN on ``sklearn.datasets.load_digits`` (metric: top-1 accuracy on a held-out split).
+- ``char-lm``: a byte-level transformer LM on the Python standard library's own source (metric: perplexity on
+  held-out files).
+
+Checkpoints are small, committed under ``checkpoints/``, loaded with ``weights_only=True``, and reproducible with
+``python -m mpq.models.train NAME``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mpq.errors import ConfigError
+
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+@dataclass
+class ReferenceTask:
+    """A model with its calibration batches and its evaluator: everything ``mpq.search`` needs."""
+
+    name: str
+    model: nn.Module
+    calib: list[tuple[Any, Any]]  # (inputs, targets) batches
+    eval_fn: Callable[[nn.Module], float]
+    metric: str
+    higher_is_better: bool
+    description: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_TASKS = {"digits-cnn": "mpq.models.digits", "char-lm": "mpq.models.charlm"}
+
+
+def reference_names() -> list[str]:
+    return list(_TASKS)
+
+
+def checkpoint_path(name: str) -> Path:
+    return CHECKPOINTS / f"{name}.pt"
+
+
+def load_checkpoint(model: nn.Module, name: str) -> dict[str, Any]:
+    """Load the committed weights into ``model``; returns the checkpoint's metadata (training settings, metric)."""
+    path = checkpoint_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint for {name!r} at {path}; build it with: python -m mpq.models.train {name}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    meta_path = path.with_suffix(".json")
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+
+
+def load_reference(name: str, **kwargs: Any) -> ReferenceTask:
+    """The bundled task ``name`` (see :func:`reference_names`), with trained weights."""
+    if name not in _TASKS:
+        raise ConfigError(f"unknown reference model {name!r}; bundled: {', '.join(_TASKS)}")
+    return importlib.import_module(_TASKS[name]).load_task(**kwargs)

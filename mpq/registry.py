@@ -1,0 +1,125 @@
+"""Kernel registry: which quantized kernels exist on which device, and what each can run.
+
+A kernel is one small class with three methods (Optuna-style plug-in): :meth:`Kernel.options` lists the
+:class:`~mpq.config.LayerBits` it can run for a layer, :meth:`Kernel.scheme` gives the exact numerics of one option
+(so fake-quant matches the kernel), and :meth:`Kernel.convert` swaps a float module for the quantized one.
+Kernels register themselves with :func:`register_kernel`; the packages that define them (``mpq.kernels``) are
+imported on first use, so ``import mpq`` loads no kernel code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import nn
+
+from mpq.config import FLOAT, LayerBits
+from mpq.errors import ConfigError
+from mpq.layers import LayerInfo
+from mpq.quant import QuantScheme, QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, dict[str, Kernel]] = {}
+_PLUGIN_PACKAGES = ["mpq.kernels"]
+_loaded = False
+
+
+class Kernel(ABC):
+    """A quantized kernel family on one device."""
+
+    name: ClassVar[str]
+    device: ClassVar[str]  # "cpu" or "cuda"
+    version: ClassVar[str] = "1"  # bump when numerics or speed change: the profile cache keys on it
+
+    def available(self) -> bool:
+        """Whether this machine and PyTorch build can run the kernel."""
+        return True
+
+    @abstractmethod
+    def options(self, layer: LayerInfo) -> list[LayerBits]:
+        """The bits this kernel runs for ``layer`` (empty if none)."""
+
+    @abstractmethod
+    def scheme(self, bits: LayerBits) -> QuantScheme:
+        """Exact numerics of ``bits`` on this kernel."""
+
+    @abstractmethod
+    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits) -> nn.Module:
+        """A module that runs ``module`` on this kernel with ``bits``."""
+
+    # Size of what convert() stores, for the cost model. Kernels that pad override it.
+    def weight_bytes(self, layer: LayerInfo, bits: LayerBits) -> int:
+        from mpq.costs import packed_weight_bytes
+
+        return packed_weight_bytes(layer, self.scheme(bits))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} on {self.device}>"
+
+
+def register_kernel(cls: type[Kernel]) -> type[Kernel]:
+    """Class decorator: instantiate and register a kernel under its device."""
+    inst = cls()
+    _REGISTRY.setdefault(cls.device, {})[cls.name] = inst
+    return cls
+
+
+def normalize_device(device: str) -> str:
+    dev = str(device).split(":")[0].lower()
+    if dev not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} not supported: use 'cpu' or 'cuda'")
+    return dev
+
+
+def _load_plugins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for pkg in _PLUGIN_PACKAGES:
+            importlib.import_module(pkg)
+
+
+def kernels_for(device: str) -> list[Kernel]:
+    """The registered kernels of ``device`` that this machine can run."""
+    _load_plugins()
+    dev = normalize_device(device)
+    return [k for k in _REGISTRY.get(dev, {}).values() if k.available()]
+
+
+def layer_options(layer: LayerInfo, device: str) -> dict[LayerBits, Kernel]:
+    """Every option that some kernel of ``device`` runs for ``layer`` (first registered kernel wins)."""
+    out: dict[LayerBits, Kernel] = {}
+    for kernel in kernels_for(device):
+        for bits in kernel.options(layer):
+            out.setdefault(bits, kernel)
+    return out
+
+
+def kernel_for(layer: LayerInfo, bits: LayerBits, device: str) -> Kernel:
+    """The kernel that runs ``bits`` for ``layer`` on ``device``; a :class:`ConfigError` names the allowed bits."""
+    opts = layer_options(layer, device)
+    if bits in opts:
+        return opts[bits]
+    allowed = ", ".join(["float"] + sorted(b.name for b in opts)) or "float"
+    raise ConfigError(
+        f"layer {layer.name!r} ({layer.kind} {'x'.join(map(str, layer.weight_shape))}): bits {bits.name!r} have no "
+        f"kernel on {normalize_device(device)}; allowed: {allowed}")
+
+
+def scheme_for(layer: LayerInfo, bits: LayerBits, device: str | None) -> QuantScheme | None:
+    """Numerics of ``bits`` for ``layer``: the kernel's on ``device``, the generic default when ``device`` is None."""
+    if bits == FLOAT:
+        return None
+    if device is None:
+        from mpq.quant import default_scheme
+
+        return default_scheme(bits.w_bits, bits.a_bits, bits.group_size)
+    return kernel_for(layer, bits, device).scheme(bits)
+
+
+__all__ = ["Kernel", "register_kernel", "kernels_for", "layer_options", "kernel_for", "scheme_for",
+           "normalize_device", "QuantizedWeight"]

@@ -1,0 +1,120 @@
+"""``report.md``: the run's numbers for people, rendered from the run directory alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mpq.artifacts import read_run
+
+LABELS = {"float": "float (reference)", "chosen": "**chosen (mixed)**", "uniform_int8": "uniform INT8",
+          "uniform_int4": "uniform INT4"}
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_report(run_dir: str | Path) -> str:
+    run = read_run(run_dir)
+    summary: pd.DataFrame = run["summary_table"]
+    layers: pd.DataFrame = run["layers_table"]
+    frontier: pd.DataFrame = run["frontier_table"]
+    kept: pd.DataFrame = run["kept_float_table"]
+    metric = run.get("metric", "metric")
+    arrow = "higher is better" if run.get("higher_is_better", True) else "lower is better"
+    fp = run.get("fingerprint", {})
+    limits = {k: v for k, v in (run.get("limits") or {}).items() if v is not None}
+    parts = [f"# mpq search: {run.get('model')} on {run.get('device')}", ""]
+    parts.append(f"- device: {fp.get('name')} ({fp.get('arch')}), {fp.get('threads')} threads, torch "
+                 f"{fp.get('torch')}, fingerprint `{run.get('fingerprint_id')}`")
+    parts.append(f"- budget: {run.get('budget_text')} -> limits "
+                 + ", ".join(f"{k} <= {_fmt(v)}" for k, v in limits.items()))
+    ref = run.get("reference", {})
+    parts.append(f"- float model: {_fmt(ref.get('size_mb'))} MB, {_fmt(ref.get('bops'))} BOPs, "
+                 f"{_fmt(ref.get('latency_ms'))} ms at batch {run.get('batch_size')}")
+    parts.append(f"- metric: {metric} ({arrow}); latency: median per forward pass")
+    parts += ["", "## Result", ""]
+    rows = []
+    for r in summary.to_dict("records"):
+        ratio = r["latency_measured_ms"] / r["latency_predicted_ms"] if r["latency_predicted_ms"] else float("nan")
+        rows.append([LABELS.get(r["name"], r["name"]), r["size_mb"], r["bops"] / 1e9, r["latency_predicted_ms"],
+                     r["latency_measured_ms"], ratio, r["score"], r["metric_fakequant"], r["metric_real"]])
+    parts.append(_table(rows, ["config", "size (MB)", "GBOPs", "latency predicted (ms)", "latency measured (ms)",
+                               "measured / predicted", "predicted loss increase", f"{metric} fake-quant",
+                               f"{metric} real kernels"]))
+    parts += ["", "Predicted latency = the profile table's per-layer medians summed, plus the float model's "
+              "non-layer time (measured end to end minus its layers). Measured = the applied model (real integer "
+              "kernels) timed end to end. Fake-quant emulates each kernel's exact numerics in float; real kernels "
+              "are PyTorch's own integer kernels.", ""]
+    parts += ["## Chosen config, per layer", ""]
+    rows = [[r["layer"], r["kind"], r["weight_shape"], r["option"], r["score"], r.get("float_latency_ms"),
+             r["latency_ms"], r["float_size_mb"], r["size_mb"]] for r in layers.to_dict("records")]
+    parts.append(_table(rows, ["layer", "kind", "weight", "option", "predicted loss increase", "float latency (ms)",
+                               "latency (ms)", "float size (MB)", "size (MB)"]))
+    if len(frontier):
+        parts += ["", f"## Frontier ({len(frontier)} points, ILP at swept budgets)", ""]
+        rows = [[r["point"], r["swept"], r["size_mb"], r["latency_ms"], r["bops"] / 1e9, r["score"],
+                 r.get("metric"), "yes" if r.get("chosen") else ""] for r in frontier.to_dict("records")]
+        parts.append(_table(rows, ["point", "swept", "size (MB)", "latency (ms)", "GBOPs", "predicted loss increase",
+                                   f"{metric} fake-quant", "chosen"]))
+    parts += ["", "## How it was found", ""]
+    sc = run.get("sensitivity_cost", {})
+    parts.append(f"- sensitivity: `{run.get('estimator')}`: {sc.get('probes')} Hutchinson probes, "
+                 f"{sc.get('forward_passes')} forward / {sc.get('backward_passes')} backward passes, "
+                 f"{_fmt(sc.get('seconds'))} s, "
+                 + ("converged" if sc.get("converged") else "stopped at the probe limit before every score was "
+                    "known to 10% (standard errors in scores.csv)")
+                 + (" (reused from an earlier run)" if sc.get("reused") else ""))
+    pr = run.get("profile", {})
+    parts.append(f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('backend')}`: "
+                 f"{pr.get('measured')} measured, {pr.get('cache_hits')} from the profile cache "
+                 f"({pr.get('warmup')} warm-up, {pr.get('repeats')} timed repeats each)")
+    st = run.get("solver_stats", {})
+    parts.append(f"- solver: `{run.get('solver')}`, {st.get('variables')} binaries, {_fmt(st.get('seconds'))} s; "
+                 f"search space {_fmt(run.get('space_size'))} configs over {run.get('layers')} layers; lowest "
+                 f"predicted loss increase {_fmt(st.get('optimal_score'))}, and among allocations within "
+                 f"{_fmt(run.get('tie_slack'))} of it ({_fmt(run.get('tie_tolerance'))} of the float model's "
+                 f"calibration loss {_fmt(run.get('float_calib_loss'))}) the fastest was chosen")
+    stages = run.get("stages_seconds", {})
+    parts.append("- stage times (s): " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in stages.items()))
+    for layer, note in (run.get("space_notes") or {}).items():
+        parts.append(f"- {layer}: {note}")
+    if len(kept):
+        parts += ["", "## Kept in float", ""]
+        parts.append(_table([[r["name"], r["type"], r["params"], r["reason"]] for r in kept.to_dict("records")],
+                            ["module", "type", "params", "reason"]))
+    if run.get("command"):
+        parts += ["", "## Reproduce", "", "```", run["command"], "```"]
+    parts += ["", "Files: config.json (apply with `mpq apply`), summary.csv, layers.csv, frontier.csv, costs.csv, "
+              "scores.csv, latency.csv, dashboard.html.", ""]
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "report.md"
+    path.write_text(render_report(run_dir))
+    return path
+
+
+def summary_line(run_dir: str | Path) -> str:
+    run = read_run(run_dir)
+    s = {r["name"]: r for r in run["summary_table"].to_dict("records")}
+    c = s["chosen"]
+    return (f"chosen: {c['size_mb']:.4g} MB, latency {c['latency_predicted_ms']:.4g} ms predicted / "
+            f"{c['latency_measured_ms']:.4g} ms measured, {run.get('metric')} {c['metric_real']:.4g} (float "
+            f"{s['float']['metric_real']:.4g}); {json.loads(c['histogram'])}")

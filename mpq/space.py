@@ -1,0 +1,115 @@
+"""The search space: for each layer, the bits some kernel of the target device can run, plus float.
+
+The search never picks what cannot run, because the options come from the kernel registry of the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import pandas as pd
+from torch import nn
+
+from mpq.config import FLOAT, BitConfig, LayerBits
+from mpq.errors import ConfigError
+from mpq.layers import LayerInventory, discover_layers
+from mpq.registry import layer_options, normalize_device
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Allowed options per layer (float first), with a note for layers that some kernel could not take."""
+
+    device: str
+    options: Mapping[str, tuple[LayerBits, ...]]
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.options)
+
+    def __getitem__(self, layer: str) -> tuple[LayerBits, ...]:
+        return self.options[layer]
+
+    def size(self) -> int:
+        """Number of configs in the space."""
+        n = 1
+        for opts in self.options.values():
+            n *= len(opts)
+        return n
+
+    def all_options(self) -> list[LayerBits]:
+        seen: dict[LayerBits, None] = {}
+        for opts in self.options.values():
+            seen.update(dict.fromkeys(opts))
+        return list(seen)
+
+    def pairs(self) -> Iterable[tuple[str, LayerBits]]:
+        for layer, opts in self.options.items():
+            for bits in opts:
+                yield layer, bits
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"layer": l, "option": b.name, "w_bits": b.w_bits, "a_bits": b.a_bits,
+                              "group_size": b.group_size} for l, b in self.pairs()])
+
+
+def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: Iterable[LayerBits | str] | None = None,
+                       pinned: Mapping[str, LayerBits | str] | None = None, keep_float: bool = True) -> SearchSpace:
+    """Options per layer from the kernels of ``device``.
+
+    ``allowed`` restricts every layer to these bits (where a kernel supports them); ``pinned`` fixes layers to one
+    option; ``keep_float=False`` drops float from layers that have a quantized option.
+    """
+    dev = normalize_device(device)
+    allow = None if allowed is None else {LayerBits.parse(b) if isinstance(b, str) else b for b in allowed}
+    pins = {k: LayerBits.parse(v) if isinstance(v, str) else v for k, v in (pinned or {}).items()}
+    unknown = set(pins) - set(inventory.names)
+    if unknown:
+        raise ConfigError(f"pinned layers {sorted(unknown)} are not quantizable layers of the model; "
+                          f"quantizable: {inventory.names}")
+    options: dict[str, tuple[LayerBits, ...]] = {}
+    notes: dict[str, str] = {}
+    for layer in inventory:
+        quant = sorted(layer_options(layer, dev), key=_option_order)
+        if not quant:
+            notes[layer.name] = f"no {dev} kernel runs {layer.kind} {layer.weight_shape} (groups={layer.groups}); float"
+        if allow is not None:
+            quant = [b for b in quant if b in allow]
+        opts = ([FLOAT] if keep_float or not quant else []) + quant
+        if layer.name in pins:
+            pin = pins[layer.name]
+            if pin not in opts and pin != FLOAT:
+                raise ConfigError(f"layer {layer.name!r} pinned to {pin.name!r}, which no {dev} kernel runs; "
+                                  f"allowed: {[b.name for b in opts]}")
+            opts = [pin]
+        options[layer.name] = tuple(opts)
+    return SearchSpace(dev, options, notes)
+
+
+def _option_order(b: LayerBits) -> tuple:
+    return (-(b.w_bits or 99), -(b.a_bits or 99), -(b.group_size or 10**6))
+
+
+def validate_config(config: BitConfig, model: nn.Module, device: str = "cpu", example_input=None,
+                    inventory: LayerInventory | None = None) -> None:
+    """Check that every layer the config names exists, is quantizable, and has a kernel for its bits."""
+    inv = inventory or discover_layers(model, example_input)
+    names = set(inv.names)
+    modules = dict(model.named_modules())
+    for name, bits in config.layers.items():
+        if name not in names:
+            if name in modules:
+                raise ConfigError(f"BitConfig names layer {name!r}, a {type(modules[name]).__name__}, which mpq "
+                                  f"cannot quantize; quantizable layers: {sorted(names)}")
+            raise ConfigError(f"BitConfig names layer {name!r}, which the model lacks; quantizable layers: "
+                              f"{sorted(names)}")
+        if bits == FLOAT:
+            continue
+        opts = layer_options(inv[name], device)
+        if bits not in opts:
+            allowed = ["float"] + [b.name for b in sorted(opts, key=_option_order)]
+            raise ConfigError(f"BitConfig gives layer {name!r} bits {bits.name!r} (w_bits={bits.w_bits}, "
+                              f"a_bits={bits.a_bits}, group_size={bits.group_size}), which no "
+                              f"{normalize_device(device)} kernel supports; allowed: {', '.join(allowed)}")

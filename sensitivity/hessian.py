@@ -1,0 +1,292 @@
+"""HAWQ-V2/V3 Hessian-trace sensitivity.
+
+For each layer, Hutchinson's estimator gives the trace of the loss Hessian with respect to the layer's weight,
+``Tr(H_W) = E[v^T H_W v]`` for Rademacher ``v``, from Hessian-vector products (double backprop). One probe draws
+``v`` over every layer's weight (and input activation) at once: the cross-layer terms of ``v^T H v`` have zero mean,
+so each layer's estimate stays unbiased at one HVP per probe. Probes cycle through the calibration batches and stop
+once every *score* below is known to within ``tol`` (its standard error, from the traces' standard errors, over the
+score; scores under ``floor`` of the largest are held to that floor instead, so that negligible scores do not run
+the probes to ``max_probes``). Scores, not traces, set the stopping point because a trace that multiplies a tiny
+perturbation need not be known precisely.
+
+The score of option ``b`` is the second-order estimate of the loss increase when the layer is quantized with it,
+
+    score = 1/2 * Tr(H_W)/n_W * ||Q_b(W) - W||^2  +  1/2 * Tr(H_A)/n_A * E||Q_b(A) - A||^2,
+
+where the activation term (HAWQ-V2) uses the Hessian with respect to the layer's input, measured by adding a zero
+perturbation ``delta`` to the input and differentiating with respect to it. ``Q_b`` is the exact numerics of the
+kernel that runs ``b`` on the target device. Negative trace estimates (non-convex regions) are clipped to zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mpq.calib import CalibrationSet, LossFn, default_loss
+from mpq.config import FLOAT, LayerBits
+from mpq.layers import LayerInventory, call_model, modules_by_name
+from mpq.quant import ActQuantSpec, fake_quantize_activation, weight_error
+from mpq.registry import scheme_for
+from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
+from mpq.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TraceEstimate:
+    """Running Hutchinson estimate of one Hessian block's trace."""
+
+    numel: int
+    probes: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.probes += 1
+        self.total += value
+        self.total_sq += value * value
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.probes, 1)
+
+    @property
+    def stderr(self) -> float:
+        if self.probes < 2:
+            return math.inf
+        var = max(self.total_sq / self.probes - self.mean**2, 0.0) * self.probes / (self.probes - 1)
+        return math.sqrt(var / self.probes)
+
+
+def _rademacher(shape, generator: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, shape, generator=generator).float().mul_(2).sub_(1)
+
+
+Estimates = dict[tuple[str, str], TraceEstimate]
+
+
+def hutchinson_traces(model: nn.Module, calib: CalibrationSet, names: list[str], loss_fn: LossFn = default_loss,
+                      activations: bool = True, min_probes: int = 16, max_probes: int = 256, tol: float = 0.05,
+                      seed: int = 0, progress: bool = False,
+                      converged: Callable[[Estimates], bool] | None = None) -> Estimates:
+    """Hessian traces of the loss w.r.t. each named layer's weight (``("w", name)``) and input (``("a", name)``).
+
+    Stops after ``min_probes`` once ``converged(estimates)`` holds (default: every trace's standard error is within
+    ``tol`` of it, or of 1% of the largest trace), or at ``max_probes``.
+    """
+    converged = converged or (lambda e: _converged(e, tol))
+    modules = modules_by_name(model, names)
+    weights = [modules[n].weight for n in names]
+    saved_grad = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    model.eval()
+    deltas: dict[str, list[Tensor]] = {}
+
+    def pre_hook(name):
+        def fn(mod, args):
+            d = torch.zeros_like(args[0], requires_grad=True)
+            deltas.setdefault(name, []).append(d)
+            return (args[0] + d,) + tuple(args[1:])
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(pre_hook(n)) for n in names] if activations else []
+    est: dict[tuple[str, str], TraceEstimate] = {("w", n): TraceEstimate(w.numel()) for n, w in zip(names, weights)}
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=max_probes, desc="hessian probes", disable=not progress, leave=False)
+    try:
+        for probe in range(max_probes):
+            inputs, targets = calib.batches[probe % len(calib)]
+            deltas.clear()
+            with torch.enable_grad():
+                loss = loss_fn(call_model(model, inputs), targets)
+                keys = [("w", n) for n in names]
+                variables = list(weights)
+                for n in names if activations else []:
+                    for d in deltas.get(n, []):
+                        keys.append(("a", n))
+                        variables.append(d)
+                grads = torch.autograd.grad(loss, variables, create_graph=True, allow_unused=True)
+                pairs = [(k, v, g) for k, v, g in zip(keys, variables, grads) if g is not None and g.requires_grad]
+                probes = [_rademacher(v.shape, gen) for _, v, _ in pairs]
+                hvs = torch.autograd.grad([g for _, _, g in pairs], [v for _, v, _ in pairs], grad_outputs=probes,
+                                          allow_unused=True)
+            vhv: dict[tuple[str, str], float] = {}
+            for (key, var, _), z, hv in zip(pairs, probes, hvs):
+                vhv[key] = vhv.get(key, 0.0) + (0.0 if hv is None else float((z * hv).sum()))
+                if key[0] == "a" and key not in est:
+                    est[key] = TraceEstimate(var.numel())
+            for key in est:
+                est[key].add(vhv.get(key, 0.0))
+            bar.update(1)
+            if probe + 1 >= min_probes and converged(est):
+                break
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+        for p, flag in saved_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return est
+
+
+def _converged(est: dict[tuple[str, str], TraceEstimate], tol: float) -> bool:
+    largest = max(abs(e.mean) for e in est.values()) or 1.0
+    return all(e.stderr <= tol * max(abs(e.mean), 0.01 * largest) for e in est.values())
+
+
+@torch.no_grad()
+def activation_numels(model: nn.Module, calib: CalibrationSet, names: list[str]) -> dict[str, int]:
+    """Elements of each layer's input on one calibration batch (all calls summed), the ``n_A`` of its trace."""
+    modules = modules_by_name(model, names)
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    handles = [modules[n].register_forward_pre_hook(
+        lambda mod, args, n=n: counts.__setitem__(n, counts[n] + args[0].numel())) for n in names]
+    try:
+        call_model(model, calib.batches[0][0])
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+@torch.no_grad()
+def activation_errors(model: nn.Module, calib: CalibrationSet, specs: dict[str, list[ActQuantSpec]]
+                      ) -> dict[tuple[str, ActQuantSpec], float]:
+    """Mean over calibration batches of ``||Q(A) - A||^2`` of each layer's input, for each activation spec."""
+    modules = modules_by_name(model, specs)
+    sums: dict[tuple[str, ActQuantSpec], float] = {}
+
+    def pre_hook(name):
+        def fn(mod, args):
+            x = args[0].float()
+            for spec in specs[name]:
+                diff = fake_quantize_activation(x, spec) - x
+                sums[(name, spec)] = sums.get((name, spec), 0.0) + float((diff * diff).sum())
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(pre_hook(n)) for n in specs]
+    try:
+        for inputs in calib.inputs():
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / len(calib) for k, v in sums.items()}
+
+
+@dataclass
+class _ScoreTerms:
+    """One (layer, option) score as ``w_coef * Tr(H_W) + a_coef * Tr(H_A)``."""
+
+    layer: str
+    w_coef: float  # 1/2 ||Q(W) - W||^2 / n_W
+    a_coef: float  # 1/2 E||Q(A) - A||^2 / n_A
+    weight_error: float
+    act_error: float
+
+    def score(self, est: Estimates) -> tuple[float, float, float]:
+        """(score, weight term, activation term), negative traces clipped to zero."""
+        w = self.w_coef * max(est[("w", self.layer)].mean, 0.0)
+        a_est = est.get(("a", self.layer))
+        a = self.a_coef * max(a_est.mean, 0.0) if a_est is not None else 0.0
+        return w + a, w, a
+
+    def stderr(self, est: Estimates) -> float:
+        var = (self.w_coef * est[("w", self.layer)].stderr) ** 2
+        a_est = est.get(("a", self.layer))
+        if a_est is not None and self.a_coef:
+            var += (self.a_coef * a_est.stderr) ** 2
+        return math.sqrt(var)
+
+
+def _scores_converged(terms: list[_ScoreTerms], tol: float, floor: float) -> Callable[[Estimates], bool]:
+    def check(est: Estimates) -> bool:
+        scores = [t.score(est)[0] for t in terms]
+        top = max(scores, default=0.0)
+        return all(t.stderr(est) <= tol * max(s, floor * top) for t, s in zip(terms, scores))
+    return check
+
+
+@register_estimator
+class HessianTraceEstimator(SensitivityEstimator):
+    """HAWQ-V2/V3: average Hessian trace times the quantization perturbation, per (layer, option)."""
+
+    name = "hessian"
+
+    def __init__(self, min_probes: int = 16, max_probes: int = 128, tol: float = 0.1, floor: float = 0.01,
+                 activations: bool = True, seed: int = 0):
+        self.min_probes = min_probes
+        self.max_probes = max_probes
+        self.tol = tol
+        self.floor = floor
+        self.activations = activations
+        self.seed = seed
+
+    def estimate(self, model: nn.Module, calib: CalibrationSet, space: SearchSpace, inventory: LayerInventory,
+                 loss_fn: LossFn | None = None, progress: bool = True) -> SensitivityResult:
+        t0 = time.perf_counter()
+        if loss_fn is None:
+            calib = calib.with_pseudo_labels(model)
+            loss_fn = default_loss
+        names = [n for n in space.layers if any(b != FLOAT for b in space[n])]
+        schemes = {(n, b): scheme_for(inventory[n], b, space.device) for n in names for b in space[n] if b != FLOAT}
+
+        # Perturbations first (cheap, no gradients): they weight each trace in the scores.
+        act_specs: dict[str, list[ActQuantSpec]] = {}
+        for (n, _), sch in schemes.items():
+            if self.activations and not sch.act.is_float and sch.act not in act_specs.setdefault(n, []):
+                act_specs[n].append(sch.act)
+        act_err = activation_errors(model, calib, act_specs) if act_specs else {}
+        act_numel = activation_numels(model, calib, names) if self.activations else {}
+        modules = modules_by_name(model, names)
+        terms: dict[tuple[str, LayerBits], _ScoreTerms] = {}
+        for (n, bits), sch in schemes.items():
+            w_err = weight_error(modules[n].weight, sch.weight) if sch.weight is not None else 0.0
+            a_err = act_err.get((n, sch.act), 0.0)
+            terms[(n, bits)] = _ScoreTerms(n, 0.5 * w_err / modules[n].weight.numel(),
+                                           0.5 * a_err / act_numel[n] if a_err else 0.0, w_err, a_err)
+
+        est = hutchinson_traces(model, calib, names, loss_fn, self.activations, self.min_probes, self.max_probes,
+                                self.tol, self.seed, progress,
+                                converged=_scores_converged(list(terms.values()), self.tol, self.floor)
+                                ) if names else {}
+
+        rows = []
+        for n, bits in space.pairs():
+            row = {"layer": n, "option": bits.name, "score": 0.0, "score_stderr": 0.0, "weight_term": 0.0,
+                   "act_term": 0.0, "weight_error": 0.0, "act_error": 0.0}
+            if bits != FLOAT:
+                t = terms[(n, bits)]
+                row["score"], row["weight_term"], row["act_term"] = t.score(est)
+                row.update(score_stderr=t.stderr(est), weight_error=t.weight_error, act_error=t.act_error)
+            rows.append(row)
+
+        stats = []
+        for n in names:
+            w, a = est[("w", n)], est.get(("a", n))
+            stats.append({"layer": n, "weight_trace": w.mean, "weight_trace_stderr": w.stderr, "weight_numel": w.numel,
+                          "act_trace": a.mean if a else float("nan"), "act_trace_stderr": a.stderr if a else float("nan"),
+                          "act_numel": a.numel if a else 0, "probes": w.probes,
+                          "avg_weight_trace": w.mean / w.numel})
+        probes = max((e.probes for e in est.values()), default=0)
+        done = bool(est) and _scores_converged(list(terms.values()), self.tol, self.floor)(est)
+        cost = {"forward_passes": probes + 2 * len(calib), "backward_passes": 2 * probes, "probes": probes,
+                "seconds": time.perf_counter() - t0, "converged": done}
+        log.info("hessian: %d probes over %d layers in %.1fs (%s)", probes, len(names), cost["seconds"],
+                 "converged" if done else f"stopped at max_probes={self.max_probes}")
+        return SensitivityResult(self.name, pd.DataFrame(rows), pd.DataFrame(stats), cost)

@@ -1,0 +1,29 @@
+"""Solvers: turn per-(layer, option) scores and costs into per-layer choices under a budget.
+
+Solvers take plain tables (pandas, no torch): a row per (layer, option) with ``score`` and cost columns
+(``size_mb``, ``bops``, ``latency_ms``), limits per cost column, and fixed costs outside the layers. They return
+:class:`Allocation` objects, so the API, the report and the dashboard treat every solver alike.
+"""
+
+from typing import Callable
+
+from mpq.errors import ConfigError
+from mpq.solvers.base import Allocation, check_table, smallest_reachable, totals_of
+from mpq.solvers.exhaustive import exhaustive_allocate
+from mpq.solvers.ilp import ilp_allocate
+from mpq.solvers.pareto import pareto_filter, sweep_frontier
+
+SOLVERS: dict[str, Callable[..., Allocation]] = {"ilp": ilp_allocate, "exhaustive": exhaustive_allocate}
+
+
+def get_solver(name: str | Callable[..., Allocation]) -> Callable[..., Allocation]:
+    """The allocation function registered as ``name`` (signature ``(table, limits, fixed) -> Allocation``)."""
+    if callable(name):
+        return name
+    if name not in SOLVERS:
+        raise ConfigError(f"unknown solver {name!r}; available: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+__all__ = ["Allocation", "check_table", "smallest_reachable", "totals_of", "ilp_allocate", "exhaustive_allocate",
+           "sweep_frontier", "pareto_filter", "SOLVERS", "get_solver"]

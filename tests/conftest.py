@@ -1,0 +1,53 @@
+"""Shared fixtures: one local Ray cluster per test session, a private profile cache, the reference tasks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# A private profile cache for the whole session, set before mpq reads it.
+os.environ.setdefault("MPQ_CACHE_DIR", tempfile.mkdtemp(prefix="mpq-test-cache-"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local 2-CPU Ray cluster for the session (about 6 s to start)."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_task():
+    from mpq.models import load_reference
+
+    return load_reference("digits-cnn")
+
+
+@pytest.fixture(scope="session")
+def lm_task():
+    from mpq.models import load_reference
+
+    return load_reference("char-lm", eval_windows_n=16)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path):
+    from mpq.workers import ProfileCache
+
+    return ProfileCache(tmp_path / "profiles.sqlite")

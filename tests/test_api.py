@@ -1,0 +1,129 @@
+"""mpq.search end to end on both reference models (in-process profiling), the run directory, resume, apply."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+import mpq
+from mpq.artifacts import read_run
+from mpq.config import BitConfig
+
+QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=5, progress=False,
+             estimator_options={"max_probes": 16, "min_probes": 8})
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits-run")
+    before = {k: v.clone() for k, v in digits_task.model.state_dict().items()}
+    result = mpq.search(digits_task.model, digits_task.calib, digits_task.eval_fn, budget="size=0.3", out=out,
+                        metric="top1", model_name="digits-cnn", **QUICK)
+    return result, out, before
+
+
+def test_search_leaves_model_alone(digits_run, digits_task):
+    _, _, before = digits_run
+    assert all(torch.equal(before[k], v) for k, v in digits_task.model.state_dict().items())
+    assert type(digits_task.model.conv1) is torch.nn.Conv2d
+
+
+def test_budget_met_and_result_shape(digits_run):
+    result, _, _ = digits_run
+    limit = result.info["limits"]["size_mb"]
+    assert limit == pytest.approx(0.3 * result.info["reference"]["size_mb"])
+    chosen = result.row("chosen")
+    assert chosen["size_mb"] <= limit + 1e-12
+    assert set(result.summary["name"]) == {"float", "chosen", "uniform_int8", "uniform_int4"}
+    assert isinstance(result.config, BitConfig) and set(result.config.layers) == set(result.layers["layer"])
+    m = result.measured
+    assert m["latency_ms"] > 0 and m["latency_predicted_ms"] > 0 and 0.9 <= m["metric"] <= 1.0
+    # the real-kernel metric is the fake-quant one up to a couple of images
+    assert abs(m["metric"] - m["metric_fakequant"]) <= 2 / 360 + 1e-9
+    # uniform INT4 is smaller than uniform INT8, which is smaller than float
+    s = result.summary.set_index("name")["size_mb"]
+    assert s["uniform_int4"] < s["uniform_int8"] < s["float"]
+
+
+def test_frontier(digits_run):
+    result, _, _ = digits_run
+    f = result.frontier
+    assert len(f) >= 3 and {"swept", "score", "size_mb", "latency_ms", "metric", "chosen", "choice"} <= set(f)
+    for swept, part in f.groupby("swept"):
+        part = part.sort_values(swept)
+        assert part["score"].is_monotonic_decreasing
+    assert f["metric"].notna().all()
+
+
+def test_run_directory(digits_run):
+    result, out, _ = digits_run
+    for name in ("config.json", "run.json", "summary.csv", "layers.csv", "frontier.csv", "costs.csv", "scores.csv",
+                 "latency.csv", "kept_float.csv", "report.md", "dashboard.html"):
+        assert (out / name).exists(), name
+    assert BitConfig.load(out / "config.json") == result.config
+    run = read_run(out)
+    assert run["summary_table"].set_index("name").loc["chosen", "latency_measured_ms"] == pytest.approx(
+        result.measured["latency_ms"])
+    report = (out / "report.md").read_text()
+    assert "latency predicted (ms)" in report and "latency measured (ms)" in report
+    assert "top1 fake-quant" in report and "top1 real kernels" in report
+    chosen_line = next(l for l in report.splitlines() if l.startswith("| **chosen"))
+    assert f"{result.measured['latency_ms']:.4g}" in chosen_line
+
+
+def test_dashboard_holds_the_data(digits_run):
+    result, out, _ = digits_run
+    html = (out / "dashboard.html").read_text()
+    # plotly.js is embedded (no <script src=...>), so the page works offline
+    assert re.findall(r"<script[^>]*\ssrc=", html) == [] and len(html) > 1_000_000
+    from mpq.dashboards import dashboard_data, draw_dashboard
+
+    data = dashboard_data(out)
+    fig = draw_dashboard(data).to_plotly_json()
+    frontier_traces = [t for t in fig["data"] if t.get("name") == "frontier (ILP)"]
+    assert len(frontier_traces) == 2
+    f = result.frontier
+    assert list(frontier_traces[0]["x"]) == pytest.approx(sorted(f.loc[f.swept == "latency_ms", "latency_ms"]))
+    assert list(frontier_traces[1]["x"]) == pytest.approx(sorted(f.loc[f.swept == "size_mb", "size_mb"]))
+    chosen = [t for t in fig["data"] if t.get("name") == "chosen (mixed)"]
+    assert chosen[0]["x"][0] == pytest.approx(result.row("chosen")["latency_predicted_ms"])
+    bars = [t for t in fig["data"] if t.get("type") == "bar"][0]
+    assert list(bars["x"]) == list(result.layers["layer"])
+    assert list(bars["text"]) == list(result.layers["option"])
+
+
+def test_resume_reuses_sensitivity(digits_task, digits_run):
+    result, out, _ = digits_run
+    again = mpq.search(digits_task.model, digits_task.calib, digits_task.eval_fn, budget="size=0.3", out=out,
+                       metric="top1", **QUICK)
+    assert again.sensitivity.cost.get("reused") is True
+    assert again.info["profile"]["measured"] == 0  # every workload came from the profile cache
+    pd.testing.assert_frame_equal(again.sensitivity.scores, result.sensitivity.scores, check_exact=False)
+    assert again.config == result.config
+
+
+def test_apply_chosen_config(digits_run, digits_task):
+    result, out, _ = digits_run
+    model = mpq.apply(copy.deepcopy(digits_task.model), out / "config.json")
+    quantized = {n for n, b in result.config.layers.items() if not b.is_float}
+    for name in quantized:
+        assert not isinstance(model.get_submodule(name), (torch.nn.Conv2d, torch.nn.Linear))
+    assert digits_task.eval_fn(model) == pytest.approx(result.measured["metric"])
+
+
+def test_char_lm_latency_budget(lm_task, tmp_path):
+    result = mpq.search(lm_task.model, lm_task.calib[:2], lm_task.eval_fn, budget={"latency": 0.9}, out=tmp_path,
+                        metric="perplexity", higher_is_better=False, **QUICK)
+    chosen = result.row("chosen")
+    assert chosen["latency_predicted_ms"] <= result.info["limits"]["latency_ms"] + 1e-9
+    assert result.info["kept_float"] == 4 * 2 + 3  # layer norms, the two embeddings, the final norm
+    ppl_float = result.row("float")["metric_real"]
+    assert 2.0 < ppl_float < 5.0
+    assert chosen["metric_real"] == pytest.approx(chosen["metric_fakequant"], rel=0.02)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["higher_is_better"] is False and run["metric"] == "perplexity"

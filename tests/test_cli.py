@@ -1,0 +1,88 @@
+"""The mpq command line, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpq.config import BitConfig
+
+
+def mpq_cli(*args, check=True, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mpq.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mpq {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "demo"
+    proc = mpq_cli("-q", "search", "--model", "digits-cnn", "--budget", "size=0.3", "--out", str(out),
+                   "--profile", "inprocess", "--repeats", "5", "--frontier-points", "4")
+    return out, proc
+
+
+def test_search(cli_run):
+    out, proc = cli_run
+    assert "chosen:" in proc.stdout and "run directory" in proc.stdout
+    for name in ("config.json", "report.md", "dashboard.html", "frontier.csv", "layers.csv"):
+        assert (out / name).exists()
+    assert "mpq -q search --model digits-cnn" in (out / "report.md").read_text()
+
+
+def test_apply(cli_run, tmp_path):
+    out, _ = cli_run
+    proc = mpq_cli("apply", "--model", "digits-cnn", "--config", str(out / "config.json"),
+                   "--out", str(tmp_path / "q.pt"))
+    report = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    assert report["quantized_layers"] == len(BitConfig.load(out / "config.json").quantized())
+    assert report["size_mb"] < report["float_size_mb"] and 0.9 < report["top1"] <= 1.0
+    assert (tmp_path / "q.pt").exists()
+
+
+def test_dashboard_and_report(cli_run, tmp_path):
+    out, _ = cli_run
+    proc = mpq_cli("dashboard", str(out), "--out", str(tmp_path / "d.html"))
+    assert (tmp_path / "d.html").stat().st_size > 1_000_000 and "d.html" in proc.stdout
+    assert mpq_cli("report", str(out)).stdout.strip().endswith("report.md")
+
+
+def test_profile(tmp_path):
+    proc = mpq_cli("-q", "profile", "--model", "digits-cnn", "--profile", "inprocess", "--repeats", "3",
+                   "--out", str(tmp_path / "t.csv"))
+    assert "workloads on" in proc.stdout and (tmp_path / "t.csv").exists()
+
+
+def test_bad_budget_exits_with_message(tmp_path):
+    proc = mpq_cli("-q", "search", "--model", "digits-cnn", "--budget", "size_mb=0.001", "--out",
+                   str(tmp_path / "x"), "--profile", "inprocess", "--repeats", "3", check=False)
+    assert proc.returncode == 2
+    assert "mpq: error:" in proc.stderr and "smallest reachable" in proc.stderr
+
+
+def test_unknown_model():
+    proc = mpq_cli("profile", "--model", "resnet-9000", check=False)
+    assert proc.returncode != 0 and "digits-cnn" in proc.stderr
+
+
+def test_models_listed():
+    out = mpq_cli("models").stdout
+    assert "digits-cnn" in out and "char-lm" in out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_readme_demo_on_ray(tmp_path):
+    """The README's demo command itself: Ray-profiled, default settings."""
+    out = tmp_path / "demo"
+    mpq_cli("-q", "search", "--model", "digits-cnn", "--budget", "size=0.3", "--out", str(out))
+    run = json.loads((out / "run.json").read_text())
+    assert run["profile"]["backend"] == "ray"
+    assert run["profile"]["measured"] + run["profile"]["cache_hits"] == run["profile"]["workloads"]

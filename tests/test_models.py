@@ -1,0 +1,46 @@
+"""Bundled reference models: small, weights_only-loadable, at their documented quality, reproducible."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from mpq.models import checkpoint_path, load_reference, reference_names
+
+
+@pytest.mark.parametrize("name", reference_names())
+def test_checkpoint_small_and_weights_only(name):
+    path = checkpoint_path(name)
+    assert path.stat().st_size <= 2_000_000
+    state = torch.load(path, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert "seed" in meta and "torch" in meta
+
+
+def test_digits_accuracy(digits_task):
+    meta = json.loads(checkpoint_path("digits-cnn").with_suffix(".json").read_text())
+    acc = digits_task.eval_fn(digits_task.model)
+    assert acc >= 0.97
+    assert acc == pytest.approx(meta["top1"], abs=1e-6)
+
+
+def test_char_lm_perplexity():
+    task = load_reference("char-lm")
+    meta = json.loads(checkpoint_path("char-lm").with_suffix(".json").read_text())
+    ppl = task.eval_fn(task.model)
+    assert 1.5 < ppl < 4.5  # bytes of Python source: the stdlib is held out by file
+    if sys.version.split()[0] == meta["python"]:
+        assert ppl == pytest.approx(meta["perplexity"], rel=1e-4)
+
+
+def test_digits_training_is_deterministic():
+    from mpq.models.digits import train
+
+    a, meta_a = train(epochs=3)
+    b, meta_b = train(epochs=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert meta_a["test_top1"] == meta_b["test_top1"] > 0.5

@@ -1,0 +1,103 @@
+"""The on-disk profile cache: one SQLite file, keyed by (device fingerprint, workload).
+
+SQLite gives atomic commits and safe concurrent writers on one host; nothing is pickled. A file that fails its
+integrity check is moved aside and rebuilt rather than trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS fingerprints (fingerprint_id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS profiles (
+    fingerprint_id TEXT NOT NULL,
+    workload_key TEXT NOT NULL,
+    median_ms REAL NOT NULL, q1_ms REAL, q3_ms REAL, mean_ms REAL, std_ms REAL,
+    repeats INTEGER, inner INTEGER,
+    measured_at TEXT, measured_by TEXT,
+    PRIMARY KEY (fingerprint_id, workload_key)
+);
+"""
+ROW_FIELDS = ["median_ms", "q1_ms", "q3_ms", "mean_ms", "std_ms", "repeats", "inner", "measured_at", "measured_by"]
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("MPQ_CACHE_DIR"):
+        return Path(os.environ["MPQ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mpq"
+
+
+class ProfileCache:
+    """Measured latencies that later searches reuse."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_cache_dir() / "profiles.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    @contextmanager
+    def _connect(self):
+        """A connection that commits on success, rolls back on error, and is always closed."""
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def _open(self) -> None:
+        try:
+            with self._connect() as conn:
+                ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(ok)
+        except sqlite3.DatabaseError as e:
+            bad = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.warning("profile cache %s is corrupt (%s): moved to %s and rebuilt", self.path, e, bad)
+            self.path.replace(bad)
+            for suffix in ("-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            with self._connect():
+                pass
+
+    def get(self, fingerprint_id: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        keys = list(keys)
+        out: dict[str, dict[str, Any]] = {}
+        with self._connect() as conn:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                q = (f"SELECT workload_key, {', '.join(ROW_FIELDS)} FROM profiles WHERE fingerprint_id = ? "
+                     f"AND workload_key IN ({', '.join('?' * len(chunk))})")
+                for row in conn.execute(q, [fingerprint_id, *chunk]):
+                    out[row[0]] = dict(zip(ROW_FIELDS, row[1:]))
+        return out
+
+    def put(self, fingerprint: dict[str, Any], fingerprint_id: str, rows: Iterable[dict[str, Any]]) -> int:
+        rows = list(rows)
+        with self._connect() as conn:
+            conn.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)",
+                         (fingerprint_id, json.dumps(fingerprint, sort_keys=True)))
+            conn.executemany(
+                f"INSERT OR REPLACE INTO profiles VALUES (?, ?, {', '.join('?' * len(ROW_FIELDS))})",
+                [(fingerprint_id, r["key"], *(r.get(f) for f in ROW_FIELDS)) for r in rows])
+        return len(rows)
+
+    def count(self, fingerprint_id: str | None = None) -> int:
+        with self._connect() as conn:
+            if fingerprint_id is None:
+                return conn.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
+            return conn.execute("SELECT COUNT(*) FROM profiles WHERE fingerprint_id = ?",
+                                (fingerprint_id,)).fetchone()[0]

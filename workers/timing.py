@@ -1,0 +1,108 @@
+"""Timing: warm-up, repeats of enough calls to be measurable, median and spread.
+
+Several models compared with each other are timed in interleaved rounds (:func:`time_models`), so that the slow
+phases of a shared machine fall on all of them alike rather than on whichever ran during one.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    mean_ms: float
+    std_ms: float
+    repeats: int
+    inner: int  # calls per timed sample
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_samples(cls, samples: list[float], inner: int) -> TimingStats:
+        q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+        return cls(statistics.median(samples), q[0], q[2], statistics.fmean(samples), statistics.pstdev(samples),
+                   len(samples), inner)
+
+
+@contextmanager
+def num_threads(threads: int | None):
+    """Run with ``threads`` intra-op threads, restoring the caller's setting after."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _calls_per_sample(fn: Callable[[], Any], warmup: int, min_sample_ms: float, device: str) -> int:
+    """Warm up, then how many calls one sample needs to last ``min_sample_ms``."""
+    for _ in range(max(warmup, 1)):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return max(1, math.ceil(min_sample_ms / 1e3 / max(time.perf_counter() - t0, 1e-7)))
+
+
+def _samples(fn: Callable[[], Any], repeats: int, inner: int, device: str) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter_ns() - t0) / inner / 1e6)
+    return out
+
+
+def time_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
+                  device: str = "cpu") -> TimingStats:
+    """Per-call time of ``fn``: each of ``repeats`` samples times enough calls to last ``min_sample_ms``."""
+    with torch.inference_mode():
+        inner = _calls_per_sample(fn, warmup, min_sample_ms, device)
+        return TimingStats.from_samples(_samples(fn, repeats, inner, device), inner)
+
+
+def time_models(models: Mapping[str, torch.nn.Module], inputs: Any, warmup: int = 3, repeats: int = 15,
+                rounds: int = 5, min_sample_ms: float = 1.0, threads: int | None = None,
+                device: str = "cpu") -> dict[str, TimingStats]:
+    """End-to-end forward latency of each model on ``inputs``, in ``rounds`` interleaved rounds of samples."""
+    from mpq.layers import call_model
+
+    fns = {name: (lambda m=m: call_model(m, inputs)) for name, m in models.items()}
+    per_round = max(1, math.ceil(repeats / rounds))
+    with num_threads(threads), torch.inference_mode():
+        for m in models.values():
+            m.eval()
+        inner = {name: _calls_per_sample(fn, warmup, min_sample_ms, device) for name, fn in fns.items()}
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                samples[name] += _samples(fn, per_round, inner[name], device)
+    return {name: TimingStats.from_samples(s, inner[name]) for name, s in samples.items()}
+
+
+def time_model(model: torch.nn.Module, inputs: Any, warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
+               threads: int | None = None, device: str = "cpu") -> TimingStats:
+    """End-to-end forward latency of one model on ``inputs`` with ``threads`` intra-op threads."""
+    return time_models({"model": model}, inputs, warmup, repeats, 1, min_sample_ms, threads, device)["model"]

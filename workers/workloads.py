@@ -1,0 +1,86 @@
+"""Latency workloads: a layer's shape x option x batch, deduplicated across layers (identical transformer blocks
+share one measurement), each buildable as the exact module that ``mpq.apply`` would install."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq.config import FLOAT, LayerBits
+from mpq.layers import LayerInfo, LayerInventory
+from mpq.registry import kernel_for
+from mpq.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str
+    weight_shape: tuple[int, ...]
+    has_bias: bool
+    input_shape: tuple[int, ...]  # batch dim included
+    conv: tuple[tuple[str, Any], ...] | None
+    option: str  # LayerBits name
+    kernel: str  # "<name>@<version>", or "torch-float" for the float module
+
+    @property
+    def key(self) -> str:
+        return json.dumps({"kind": self.kind, "w": list(self.weight_shape), "bias": self.has_bias,
+                           "x": list(self.input_shape), "conv": None if self.conv is None else dict(self.conv),
+                           "option": self.option, "kernel": self.kernel}, sort_keys=True, default=list)
+
+    def layer_info(self) -> LayerInfo:
+        params = 1
+        for d in self.weight_shape:
+            params *= d
+        return LayerInfo(name=f"workload:{self.kind}", kind=self.kind, weight_shape=self.weight_shape,
+                         params=params, has_bias=self.has_bias, weight_bytes_per_elem=4, calls=1,
+                         input_shape=self.input_shape, batch_size=self.input_shape[0],
+                         conv=None if self.conv is None else dict(self.conv))
+
+    def build(self, device: str = "cpu", seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+        """The module that runs this workload (random weights) and a random input of the right shape."""
+        torch.manual_seed(seed)
+        info = self.layer_info()
+        if self.kind == "linear":
+            module = nn.Linear(self.weight_shape[1], self.weight_shape[0], bias=self.has_bias)
+        else:
+            conv = dict(self.conv)
+            cls = nn.Conv1d if self.kind == "conv1d" else nn.Conv2d
+            module = cls(self.weight_shape[1] * conv["groups"], self.weight_shape[0], self.weight_shape[2:],
+                         stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"],
+                         groups=conv["groups"], bias=self.has_bias, padding_mode=conv.get("padding_mode", "zeros"))
+        bits = LayerBits.parse(self.option)
+        if bits != FLOAT:
+            module = kernel_for(info, bits, device).convert(module, info, bits)
+        module.eval()
+        return module.to(device), torch.randn(self.input_shape, device=device)
+
+
+def workload_of(layer: LayerInfo, bits: LayerBits, device: str, batch_size: int | None = None) -> Workload:
+    if layer.input_shape is None:
+        raise ValueError(f"layer {layer.name!r} has no input shape: discover layers with an example input")
+    shape = layer.input_shape if batch_size is None else (batch_size, *layer.input_shape[1:])
+    if bits == FLOAT:
+        kernel = f"torch-float@{torch.__version__}"
+    else:
+        k = kernel_for(layer, bits, device)
+        kernel = f"{k.name}@{k.version}"
+    conv = None if layer.conv is None else tuple(sorted(layer.conv.items()))
+    return Workload(layer.kind, layer.weight_shape, layer.has_bias, tuple(shape), conv, bits.name, kernel)
+
+
+def workloads_for(inventory: LayerInventory, space: SearchSpace, batch_size: int | None = None
+                  ) -> tuple[list[Workload], dict[tuple[str, str], Workload]]:
+    """Unique workloads of a search space, and which workload each (layer, option) runs."""
+    by_pair: dict[tuple[str, str], Workload] = {}
+    unique: dict[str, Workload] = {}
+    for layer in inventory:
+        for bits in space[layer.name]:
+            w = workload_of(layer, bits, space.device, batch_size)
+            by_pair[(layer.name, bits.name)] = w
+            unique.setdefault(w.key, w)
+    return list(unique.values()), by_pair
