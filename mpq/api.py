@@ -202,7 +202,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     reproduce the run.
     """
     from mpq.solvers import get_solver, sweep_frontier, totals_of
-    from mpq.workers import profile_workloads, time_model, time_models, workloads_for
+    from mpq.workers import profile_workloads, time_models, time_rest_of_model, workloads_for
 
     t_start = time.perf_counter()
     stages: dict[str, float] = {}
@@ -240,7 +240,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     latency = profile_workloads(workloads, dev, backend=profile, address=address, cache=cache, threads=threads,
                                 warmup=warmup, repeats=repeats, progress=progress)
     stages["profile"] = time.perf_counter() - t0
-    float_timing = time_model(model, example, warmup, repeats, threads=threads, device=dev)
+    rest_timing = time_rest_of_model(model, inventory.names, example, warmup, repeats, threads=threads, device=dev)
 
     def latency_of(layer, bits: LayerBits) -> float:
         return latency.median_ms(by_pair[(layer.name, bits.name)]) * max(layer.calls, 1)
@@ -248,8 +248,10 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     costs = build_cost_table(inventory, space, latency_of)
     float_layers_ms = sum(latency.median_ms(by_pair[(l.name, FLOAT.name)]) * max(l.calls, 1)
                           for l in inventory if (l.name, FLOAT.name) in by_pair)
-    fixed = fixed_costs(inventory, float_timing.median_ms, float_layers_ms)
-    reference: Reference = float_reference(inventory, float_timing.median_ms)
+    fixed = fixed_costs(inventory, rest_timing.median_ms)
+    # Relative latency budgets are fractions of the float model's *predicted* latency, so that the all-float
+    # allocation always meets latency=1.0 under the same additive model the solver uses.
+    reference: Reference = float_reference(inventory, fixed["latency_ms"] + float_layers_ms)
     table = costs.merge(sens.scores[["layer", "option", "score"]], on=["layer", "option"], how="left")
     limits = budget.resolve(reference.as_dict())
 
@@ -311,7 +313,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         "model": model_name, "device": dev, "fingerprint": latency.fingerprint,
         "fingerprint_id": latency.fingerprint_id, "metric": metric, "higher_is_better": higher_is_better,
         "budget": budget.given(), "budget_text": str(budget), "limits": limits, "reference": reference.as_dict(),
-        "fixed": fixed, "float_layers_latency_ms": float_layers_ms, "batch_size": batch, "threads": threads,
+        "fixed": fixed, "float_layers_latency_ms": float_layers_ms,
+        "batch_size": batch, "threads": threads,
         "estimator": sens.estimator, "sensitivity_cost": sens.cost, "solver": allocation.solver,
         "float_calib_loss": float_loss, "tie_tolerance": tie_tolerance, "tie_slack": slack,
         "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,

@@ -4,7 +4,7 @@
   own storage format (:meth:`mpq.registry.Kernel.weight_bytes`); float layers count their parameters' bytes.
 - BOPs: MACs x weight bits x activation bits (float counts as its dtype width, 32 for fp32).
 - latency: the profiled median of the layer's workload times the calls per forward; the rest of the model (what is
-  not a quantizable layer) is a fixed cost measured once on the float model.
+  not a quantizable layer) is a fixed cost, measured once with every layer replaced by its recorded output.
 """
 
 from __future__ import annotations
@@ -78,11 +78,9 @@ def build_cost_table(inventory: LayerInventory, space: SearchSpace,
     return pd.DataFrame(rows)
 
 
-def fixed_costs(inventory: LayerInventory, float_latency_ms: float = 0.0,
-                float_layers_latency_ms: float = 0.0) -> dict[str, float]:
-    """Costs outside the quantizable layers: kept-float parameters, and the rest of the forward pass."""
-    return {"size_mb": inventory.float_bytes_other() / MB, "bops": 0.0,
-            "latency_ms": max(float_latency_ms - float_layers_latency_ms, 0.0)}
+def fixed_costs(inventory: LayerInventory, rest_latency_ms: float = 0.0) -> dict[str, float]:
+    """Costs outside the quantizable layers: kept-float parameters, and the measured rest of the forward pass."""
+    return {"size_mb": inventory.float_bytes_other() / MB, "bops": 0.0, "latency_ms": rest_latency_ms}
 
 
 

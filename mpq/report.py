@@ -57,9 +57,9 @@ def render_report(run_dir: str | Path) -> str:
     parts.append(_table(rows, ["config", "size (MB)", "GBOPs", "latency predicted (ms)", "latency measured (ms)",
                                "measured / predicted", "predicted loss increase", f"{metric} fake-quant",
                                f"{metric} real kernels"]))
-    parts += ["", "Predicted latency = the profile table's per-layer medians summed, plus the float model's "
-              "non-layer time (measured end to end minus its layers). Measured = the applied model (real integer "
-              "kernels) timed end to end. Fake-quant emulates each kernel's exact numerics in float; real kernels "
+    parts += ["", "Predicted latency = the profile table's per-layer medians summed, plus the rest of the forward "
+              "pass (the float model timed with every layer replaced by its recorded output). Measured = the applied "
+              "model (real integer kernels) timed end to end, all four interleaved. Fake-quant emulates each kernel's exact numerics in float; real kernels "
               "are PyTorch's own integer kernels.", ""]
     parts += ["## Chosen config, per layer", ""]
     rows = [[r["layer"], r["kind"], r["weight_shape"], r["option"], r["score"], r.get("float_latency_ms"),

@@ -106,3 +106,40 @@ def time_model(model: torch.nn.Module, inputs: Any, warmup: int = 3, repeats: in
                threads: int | None = None, device: str = "cpu") -> TimingStats:
     """End-to-end forward latency of one model on ``inputs`` with ``threads`` intra-op threads."""
     return time_models({"model": model}, inputs, warmup, repeats, 1, min_sample_ms, threads, device)["model"]
+
+
+class _RecordedOutput(torch.nn.Module):
+    """Stands in for a layer: returns what the layer returned on the same input, without computing or allocating
+    (the layer's own timing already pays for its output; an in-place op downstream only changes values)."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs = outputs
+        self.call = 0
+
+    def forward(self, *args, **kwargs):
+        out = self.outputs[self.call % len(self.outputs)]
+        self.call += 1
+        return out
+
+
+def time_rest_of_model(model: torch.nn.Module, layer_names: list[str], inputs: Any, warmup: int = 3,
+                       repeats: int = 15, min_sample_ms: float = 1.0, threads: int | None = None,
+                       device: str = "cpu") -> TimingStats:
+    """Latency of everything in the forward pass except the named layers (each replaced by its recorded output):
+    the fixed part of an additive latency model."""
+    import copy
+
+    from mpq.layers import call_model, set_submodule
+
+    stub = copy.deepcopy(model).eval()
+    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in layer_names}
+    handles = [stub.get_submodule(n).register_forward_hook(
+        lambda mod, args, out, n=n: recorded[n].append(out.detach())) for n in layer_names]
+    with torch.inference_mode():
+        call_model(stub, inputs)
+    for h in handles:
+        h.remove()
+    for n in layer_names:
+        set_submodule(stub, n, _RecordedOutput(recorded[n]))
+    return time_model(stub, inputs, warmup, repeats, min_sample_ms, threads, device)
