@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -201,11 +202,9 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the way to
     reproduce the run.
     """
-    from mpq.solvers import get_solver, sweep_frontier, totals_of
-    from mpq.workers import profile_workloads, time_models, time_rest_of_model, workloads_for
+    from mpq.solvers import get_solver, sweep_frontier
 
     t_start = time.perf_counter()
-    stages: dict[str, float] = {}
     dev = normalize_device(device)
     budget = Budget.parse(budget)
     if budget.is_unlimited:
@@ -214,77 +213,142 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     out = Path(out) if out is not None else None
     model_name = model_name or type(model).__name__
     threads = threads or torch.get_num_threads()
+    stages: dict[str, float] = {}
+    with _eval_mode(model):
+        calib = CalibrationSet.from_any(calib_data)
+        calib.check(model)
+        inventory = discover_layers(model, calib.example)
+        space = build_search_space(inventory, dev, allowed, pinned)
+        example = calib.example if batch_size is None else _resize_batch(calib.example, batch_size)
+        stages["discover"] = time.perf_counter() - t_start
+
+        t0 = time.perf_counter()
+        key = hashlib.sha1(json.dumps({
+            "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(estimator),
+            "options": dict(estimator_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
+            "loss": getattr(loss_fn, "__qualname__", None)}, sort_keys=True, default=str).encode()).hexdigest()
+        sens = _sensitivity_stage(model, calib, space, inventory, estimator, estimator_options, loss_fn, progress,
+                                  out, key)
+        stages["sensitivity"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        costs = _cost_stage(model, inventory, space, example, dev, profile, address, cache, threads, warmup,
+                            repeats, batch_size, progress)
+        stages["profile"] = time.perf_counter() - t0
+        table = costs.table.merge(sens.scores[["layer", "option", "score"]], on=["layer", "option"], how="left")
+        limits = budget.resolve(costs.reference.as_dict())
+
+        # Solve (ties, within tie_tolerance of the float loss, go to the fastest), and sweep the frontier.
+        t0 = time.perf_counter()
+        float_loss = _calibration_loss(model, calib, loss_fn)
+        slack = max(tie_tolerance, 0.0) * abs(float_loss)
+        allocation = get_solver(solver)(table, limits, costs.fixed, secondary="latency_ms", slack=slack)
+        frontier = pd.concat([sweep_frontier(table, r, costs.fixed, points=frontier_points, progress=progress)
+                              for r in ("size_mb", "latency_ms")], ignore_index=True)
+        stages["solve"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        candidates = {"float": {n: FLOAT.name for n in space.layers}, "chosen": dict(allocation.choice)}
+        candidates["uniform_int8"] = uniform_choice(space, INT8_PREFERENCE)
+        candidates["uniform_int4"] = uniform_choice(space, INT4_PREFERENCE, fallback=candidates["uniform_int8"])
+        summary = _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, costs.fixed,
+                            evaluate_frontier, threads, warmup, repeats, progress)
+        stages["evaluate"] = time.perf_counter() - t0
+
+    chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
+    if len(frontier):
+        frontier["chosen"] = frontier["choice"] == chosen_key
+        frontier.insert(0, "point", range(len(frontier)))
+    config = _config_of(allocation.choice, model=model_name, device=dev, budget=str(budget),
+                        estimator=sens.estimator, solver=allocation.solver)
+    stages["total"] = time.perf_counter() - t_start
+    latency = costs.latency
+    info = {
+        "model": model_name, "device": dev, "fingerprint": latency.fingerprint,
+        "fingerprint_id": latency.fingerprint_id, "metric": metric, "higher_is_better": higher_is_better,
+        "budget": budget.given(), "budget_text": str(budget), "limits": limits,
+        "reference": costs.reference.as_dict(), "fixed": costs.fixed, "float_layers_latency_ms": costs.float_layers_ms,
+        "batch_size": batch_size or calib.batch_size, "threads": threads,
+        "estimator": sens.estimator, "sensitivity_cost": sens.cost, "solver": allocation.solver,
+        "float_calib_loss": float_loss, "tie_tolerance": tie_tolerance, "tie_slack": slack,
+        "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
+        "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
+                    "cache_hits": latency.cache_hits, "repeats": repeats, "warmup": warmup},
+        "layers": len(inventory), "kept_float": len(inventory.kept_float), "space_size": space.size(),
+        "space_notes": dict(space.notes), "stages_seconds": stages, "torch": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+    }
+    layers = _layer_table(inventory, space, table, allocation.choice, sens)
+    result = SearchResult(config, frontier, layers, table, summary, info, latency, sens, inventory)
+    if out is not None:
+        from mpq.artifacts import write_run
+        from mpq.dashboards import write_dashboard
+
+        write_run(result, out)
+        write_dashboard(out)
+    log.info("search done in %.1fs: %r", stages["total"], result)
+    return result
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Evaluation mode for the duration of a search; the caller's mode comes back after."""
+    was_training = model.training
     model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
-    calib = CalibrationSet.from_any(calib_data)
-    calib.check(model)
-    inventory = discover_layers(model, calib.example)
-    space = build_search_space(inventory, dev, allowed, pinned)
-    example = calib.example if batch_size is None else _resize_batch(calib.example, batch_size)
-    batch = batch_size or calib.batch_size
-    stages["discover"] = time.perf_counter() - t_start
 
-    # Sensitivity (resumable from the run directory).
-    t0 = time.perf_counter()
-    key = hashlib.sha1(json.dumps({
-        "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(estimator),
-        "options": dict(estimator_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
-        "loss": getattr(loss_fn, "__qualname__", None)}, sort_keys=True, default=str).encode()).hexdigest()
-    sens = _sensitivity_stage(model, calib, space, inventory, estimator, estimator_options, loss_fn, progress, out,
-                              key)
-    stages["sensitivity"] = time.perf_counter() - t0
+@dataclass
+class _Costs:
+    table: pd.DataFrame  # per (layer, option): size_mb, bops, latency_ms
+    fixed: dict[str, float]  # outside the layers
+    reference: Reference  # the float model's totals
+    float_layers_ms: float
+    latency: Any  # LatencyTable
 
-    # Latency of every workload on the device, and of the float model end to end.
-    t0 = time.perf_counter()
+
+def _cost_stage(model, inventory, space, example, dev, profile, address, cache, threads, warmup, repeats,
+                batch_size, progress) -> _Costs:
+    """Measure every workload (cached) and the rest of the forward pass; build the cost table."""
+    from mpq.workers import profile_workloads, time_rest_of_model, workloads_for
+
     workloads, by_pair = workloads_for(inventory, space, batch_size)
     latency = profile_workloads(workloads, dev, backend=profile, address=address, cache=cache, threads=threads,
                                 warmup=warmup, repeats=repeats, progress=progress)
-    stages["profile"] = time.perf_counter() - t0
-    rest_timing = time_rest_of_model(model, inventory.names, example, warmup, repeats, threads=threads, device=dev)
+    rest = time_rest_of_model(model, inventory.names, example, warmup, repeats, threads=threads, device=dev)
 
     def latency_of(layer, bits: LayerBits) -> float:
         return latency.median_ms(by_pair[(layer.name, bits.name)]) * max(layer.calls, 1)
 
-    costs = build_cost_table(inventory, space, latency_of)
-    float_layers_ms = sum(latency.median_ms(by_pair[(l.name, FLOAT.name)]) * max(l.calls, 1)
-                          for l in inventory if (l.name, FLOAT.name) in by_pair)
-    fixed = fixed_costs(inventory, rest_timing.median_ms)
+    float_layers_ms = sum(latency_of(layer, FLOAT) for layer in inventory)
+    fixed = fixed_costs(inventory, rest.median_ms)
     # Relative latency budgets are fractions of the float model's *predicted* latency, so that the all-float
     # allocation always meets latency=1.0 under the same additive model the solver uses.
-    reference: Reference = float_reference(inventory, fixed["latency_ms"] + float_layers_ms)
-    table = costs.merge(sens.scores[["layer", "option", "score"]], on=["layer", "option"], how="left")
-    limits = budget.resolve(reference.as_dict())
+    reference = float_reference(inventory, fixed["latency_ms"] + float_layers_ms)
+    return _Costs(build_cost_table(inventory, space, latency_of), fixed, reference, float_layers_ms, latency)
 
-    # Solve (ties, within tie_tolerance of the float loss, go to the fastest), and sweep the frontier.
-    t0 = time.perf_counter()
-    float_loss = _calibration_loss(model, calib, loss_fn)
-    slack = max(tie_tolerance, 0.0) * abs(float_loss)
-    allocation = get_solver(solver)(table, limits, fixed, secondary="latency_ms", slack=slack)
-    frontier = pd.concat([sweep_frontier(table, r, fixed, points=frontier_points, progress=progress)
-                          for r in ("size_mb", "latency_ms")], ignore_index=True)
-    stages["solve"] = time.perf_counter() - t0
-    config = _config_of(allocation.choice, model=model_name, device=dev, budget=str(budget),
-                        estimator=sens.estimator, solver=allocation.solver)
 
-    # Evaluate: fake-quant along the frontier; real kernels for the chosen config and the uniform baselines.
-    t0 = time.perf_counter()
-    int8 = uniform_choice(space, INT8_PREFERENCE)
-    int4 = uniform_choice(space, INT4_PREFERENCE, fallback=int8)
-    candidates = {"float": {n: FLOAT.name for n in space.layers}, "chosen": dict(allocation.choice),
-                  "uniform_int8": int8, "uniform_int4": int4}
+def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, fixed, evaluate_frontier,
+              threads, warmup, repeats, progress) -> pd.DataFrame:
+    """Fake-quant metric along the frontier; each candidate applied on the real kernels, timed and evaluated."""
+    from tqdm.auto import tqdm
+
+    from mpq.fakequant import fake_quantize
+    from mpq.solvers import totals_of
+    from mpq.workers import time_models
+
     fq_cache: dict[str, float] = {}
 
     def fakequant_metric(choice: Mapping[str, str]) -> float:
         k = json.dumps(dict(sorted(choice.items())))
         if eval_fn is not None and k not in fq_cache:
-            from mpq.fakequant import fake_quantize
-
             fq_cache[k] = float(eval_fn(fake_quantize(model, _config_of(choice), dev, inventory)))
         return fq_cache.get(k, float("nan"))
 
     if evaluate_frontier and eval_fn is not None and len(frontier):
-        from tqdm.auto import tqdm
-
         frontier["metric"] = [fakequant_metric(json.loads(c)) for c in
                               tqdm(frontier["choice"], desc="frontier metrics", disable=not progress, leave=False)]
     applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory)
@@ -300,40 +364,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
                      "metric_fakequant": real if name == "float" else fakequant_metric(choice), "metric_real": real,
                      "histogram": json.dumps(_config_of(choice).histogram()),
                      "choice": json.dumps(dict(sorted(choice.items())))})
-    summary = pd.DataFrame(rows)
-    stages["evaluate"] = time.perf_counter() - t0
-
-    chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
-    if len(frontier):
-        frontier["chosen"] = frontier["choice"] == chosen_key
-        frontier.insert(0, "point", range(len(frontier)))
-    layers = _layer_table(inventory, space, table, allocation.choice, sens)
-    stages["total"] = time.perf_counter() - t_start
-    info = {
-        "model": model_name, "device": dev, "fingerprint": latency.fingerprint,
-        "fingerprint_id": latency.fingerprint_id, "metric": metric, "higher_is_better": higher_is_better,
-        "budget": budget.given(), "budget_text": str(budget), "limits": limits, "reference": reference.as_dict(),
-        "fixed": fixed, "float_layers_latency_ms": float_layers_ms,
-        "batch_size": batch, "threads": threads,
-        "estimator": sens.estimator, "sensitivity_cost": sens.cost, "solver": allocation.solver,
-        "float_calib_loss": float_loss, "tie_tolerance": tie_tolerance, "tie_slack": slack,
-        "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
-        "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
-                    "cache_hits": latency.cache_hits, "repeats": repeats, "warmup": warmup},
-        "layers": len(inventory), "kept_float": len(inventory.kept_float), "space_size": space.size(),
-        "space_notes": dict(space.notes), "stages_seconds": stages, "torch": torch.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    result = SearchResult(config, frontier, layers, table, summary, info, latency, sens, inventory)
-    if out is not None:
-        from mpq.artifacts import write_run
-        from mpq.dashboards import write_dashboard
-
-        result.info["command"] = command
-        write_run(result, out)
-        write_dashboard(out)
-    log.info("search done in %.1fs: %r", stages["total"], result)
-    return result
+    return pd.DataFrame(rows)
 
 
 def _calibration_loss(model: nn.Module, calib: CalibrationSet, loss_fn: LossFn | None) -> float:

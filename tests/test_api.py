@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 
 import pandas as pd
@@ -127,3 +128,14 @@ def test_char_lm_latency_budget(lm_task, tmp_path):
     assert chosen["metric_real"] == pytest.approx(chosen["metric_fakequant"], rel=0.02)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["higher_is_better"] is False and run["metric"] == "perplexity"
+
+
+def test_search_restores_training_mode_and_needs_no_eval_fn(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(64, 8)).train()
+    calib = [torch.randn(16, 32) for _ in range(2)]  # no targets: the float model's predictions are the labels
+    result = mpq.search(model, calib, budget="size=0.5", **QUICK)
+    assert model.training and model[2].training
+    assert result.row("chosen")["size_mb"] <= 0.5 * result.info["reference"]["size_mb"] + 1e-12
+    assert math.isnan(result.measured["metric"])

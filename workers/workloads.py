@@ -75,11 +75,12 @@ def workload_of(layer: LayerInfo, bits: LayerBits, device: str, batch_size: int 
 
 def workloads_for(inventory: LayerInventory, space: SearchSpace, batch_size: int | None = None
                   ) -> tuple[list[Workload], dict[tuple[str, str], Workload]]:
-    """Unique workloads of a search space, and which workload each (layer, option) runs."""
+    """Unique workloads of a search space, and which workload each (layer, option) runs. Every layer's float
+    workload is included, options or not: it is the reference that relative latency budgets divide."""
     by_pair: dict[tuple[str, str], Workload] = {}
     unique: dict[str, Workload] = {}
     for layer in inventory:
-        for bits in space[layer.name]:
+        for bits in dict.fromkeys((FLOAT, *space[layer.name])):
             w = workload_of(layer, bits, space.device, batch_size)
             by_pair[(layer.name, bits.name)] = w
             unique.setdefault(w.key, w)
