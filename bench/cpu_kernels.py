@@ -58,7 +58,7 @@ def main() -> None:
                 rows.append({"kind": base.kind, "weight": "x".join(map(str, base.weight_shape)),
                              "input": "x".join(map(str, base.input_shape)), "option": bits.name,
                              "float_ms": t_float, "quant_ms": t, "speedup": t_float / t})
-    print(f"| kind | weight | input | option | float (ms) | quantized (ms) | float / quantized |")
+    print("| kind | weight | input | option | float (ms) | quantized (ms) | float / quantized |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kind']} | {r['weight']} | {r['input']} | {r['option']} | {r['float_ms']:.4f} | "

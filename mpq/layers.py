@@ -160,10 +160,6 @@ def run_checked(model: nn.Module, inputs: Any, what: str = "calibration batch 0"
         ) from e
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -171,8 +167,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _static_info(name: str, m: nn.Module) -> LayerInfo:
-    kind = QUANTIZABLE_TYPES[type(m)] if type(m) in QUANTIZABLE_TYPES else next(
-        v for t, v in QUANTIZABLE_TYPES.items() if isinstance(m, t))
+    kind = next(v for t, v in QUANTIZABLE_TYPES.items() if isinstance(m, t))
     conv = None
     if kind.startswith("conv"):
         conv = {"stride": tuple(m.stride), "padding": m.padding if isinstance(m.padding, str) else tuple(m.padding),

@@ -19,7 +19,7 @@ from torch import nn
 from mpq.config import FLOAT, LayerBits
 from mpq.errors import ConfigError
 from mpq.layers import LayerInfo
-from mpq.quant import QuantScheme, QuantizedWeight
+from mpq.quant import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,24 @@ def layer_options(layer: LayerInfo, device: str) -> dict[LayerBits, Kernel]:
     return out
 
 
+def option_order(bits: LayerBits) -> tuple:
+    """Most bits first (float, then 8-bit, ..., smaller groups last): the order options are listed in."""
+    return (-(bits.w_bits or 99), -(bits.a_bits or 99), -(bits.group_size or 10**6))
+
+
+def allowed_text(options) -> str:
+    """``float, w8a16, w8a8, ...``: what a layer may take, for error messages."""
+    return ", ".join(["float"] + [b.name for b in sorted(options, key=option_order)])
+
+
 def kernel_for(layer: LayerInfo, bits: LayerBits, device: str) -> Kernel:
     """The kernel that runs ``bits`` for ``layer`` on ``device``; a :class:`ConfigError` names the allowed bits."""
     opts = layer_options(layer, device)
     if bits in opts:
         return opts[bits]
-    allowed = ", ".join(["float"] + sorted(b.name for b in opts)) or "float"
     raise ConfigError(
         f"layer {layer.name!r} ({layer.kind} {'x'.join(map(str, layer.weight_shape))}): bits {bits.name!r} have no "
-        f"kernel on {normalize_device(device)}; allowed: {allowed}")
+        f"kernel on {normalize_device(device)}; allowed: {allowed_text(opts)}")
 
 
 def scheme_for(layer: LayerInfo, bits: LayerBits, device: str | None) -> QuantScheme | None:
@@ -122,4 +131,4 @@ def scheme_for(layer: LayerInfo, bits: LayerBits, device: str | None) -> QuantSc
 
 
 __all__ = ["Kernel", "register_kernel", "kernels_for", "layer_options", "kernel_for", "scheme_for",
-           "normalize_device", "QuantizedWeight"]
+           "normalize_device", "option_order", "allowed_text"]

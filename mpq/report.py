@@ -59,8 +59,8 @@ def render_report(run_dir: str | Path) -> str:
                                f"{metric} real kernels"]))
     parts += ["", "Predicted latency = the profile table's per-layer medians summed, plus the rest of the forward "
               "pass (the float model timed with every layer replaced by its recorded output). Measured = the applied "
-              "model (real integer kernels) timed end to end, all four interleaved. Fake-quant emulates each kernel's exact numerics in float; real kernels "
-              "are PyTorch's own integer kernels.", ""]
+              "model (real integer kernels) timed end to end, all four interleaved. Fake-quant emulates each "
+              "kernel's exact numerics in float; real kernels are PyTorch's own integer kernels.", ""]
     parts += ["## Chosen config, per layer", ""]
     rows = [[r["layer"], r["kind"], r["weight_shape"], r["option"], r["score"], r.get("float_latency_ms"),
              r["latency_ms"], r["float_size_mb"], r["size_mb"]] for r in layers.to_dict("records")]

@@ -14,7 +14,7 @@ from torch import nn
 from mpq.config import FLOAT, BitConfig, LayerBits
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers
-from mpq.registry import layer_options, normalize_device
+from mpq.registry import allowed_text, layer_options, normalize_device, option_order
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: 
     options: dict[str, tuple[LayerBits, ...]] = {}
     notes: dict[str, str] = {}
     for layer in inventory:
-        quant = sorted(layer_options(layer, dev), key=_option_order)
+        quant = sorted(layer_options(layer, dev), key=option_order)
         if not quant:
             notes[layer.name] = f"no {dev} kernel runs {layer.kind} {layer.weight_shape} (groups={layer.groups}); float"
         if allow is not None:
@@ -86,10 +86,6 @@ def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: 
             opts = [pin]
         options[layer.name] = tuple(opts)
     return SearchSpace(dev, options, notes)
-
-
-def _option_order(b: LayerBits) -> tuple:
-    return (-(b.w_bits or 99), -(b.a_bits or 99), -(b.group_size or 10**6))
 
 
 def validate_config(config: BitConfig, model: nn.Module, device: str = "cpu", example_input=None,
@@ -109,7 +105,6 @@ def validate_config(config: BitConfig, model: nn.Module, device: str = "cpu", ex
             continue
         opts = layer_options(inv[name], device)
         if bits not in opts:
-            allowed = ["float"] + [b.name for b in sorted(opts, key=_option_order)]
             raise ConfigError(f"BitConfig gives layer {name!r} bits {bits.name!r} (w_bits={bits.w_bits}, "
                               f"a_bits={bits.a_bits}, group_size={bits.group_size}), which no "
-                              f"{normalize_device(device)} kernel supports; allowed: {', '.join(allowed)}")
+                              f"{normalize_device(device)} kernel supports; allowed: {allowed_text(opts)}")

@@ -279,10 +279,10 @@ class HessianTraceEstimator(SensitivityEstimator):
         stats = []
         for n in names:
             w, a = est[("w", n)], est.get(("a", n))
+            nan = float("nan")
             stats.append({"layer": n, "weight_trace": w.mean, "weight_trace_stderr": w.stderr, "weight_numel": w.numel,
-                          "act_trace": a.mean if a else float("nan"), "act_trace_stderr": a.stderr if a else float("nan"),
-                          "act_numel": a.numel if a else 0, "probes": w.probes,
-                          "avg_weight_trace": w.mean / w.numel})
+                          "act_trace": a.mean if a else nan, "act_trace_stderr": a.stderr if a else nan,
+                          "act_numel": a.numel if a else 0, "probes": w.probes, "avg_weight_trace": w.mean / w.numel})
         probes = max((e.probes for e in est.values()), default=0)
         done = bool(est) and _scores_converged(list(terms.values()), self.tol, self.floor)(est)
         cost = {"forward_passes": probes + 2 * len(calib), "backward_passes": 2 * probes, "probes": probes,

@@ -53,7 +53,7 @@ def load_checkpoint(model: nn.Module, name: str) -> dict[str, Any]:
     """Load the committed weights into ``model``; returns the checkpoint's metadata (training settings, metric)."""
     path = checkpoint_path(name)
     if not path.exists():
-        raise FileNotFoundError(f"no checkpoint for {name!r} at {path}; build it with: python -m mpq.models.train {name}")
+        raise FileNotFoundError(f"no checkpoint for {name!r} at {path}; build it: python -m mpq.models.train {name}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     meta_path = path.with_suffix(".json")

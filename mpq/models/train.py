@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from mpq.models import CHECKPOINTS, checkpoint_path, load_checkpoint
+from mpq.models import CHECKPOINTS, checkpoint_path
 
 log = logging.getLogger("mpq.models.train")
 
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         from mpq.models import charlm as mod
 
         model, meta = mod.train()
-    meta.update({"torch": torch.__version__, "machine": platform.machine(), "train_seconds": round(time.time() - t0, 1)})
+    meta.update({"torch": torch.__version__, "machine": platform.machine(),
+                 "train_seconds": round(time.time() - t0, 1)})
     save(model, args.name, meta)
     # Measure the metric on the weights exactly as they load (fp16-rounded).
     task = mod.load_task()
