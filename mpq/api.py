@@ -149,7 +149,7 @@ def _config_of(choice: Mapping[str, str], **meta: Any) -> BitConfig:
     return BitConfig({k: LayerBits.parse(v) for k, v in choice.items()}, meta=meta)
 
 
-def _sensitivity_stage(model, calib, space, inventory, estimator, estimator_options, loss_fn, progress, out,
+def _sensitivity_stage(model, calib, space, inventory, sensitivity, sensitivity_options, loss_fn, progress, out,
                        key: str):
     """Run the estimator, or reuse the scores a previous run with the same inputs left in ``out``."""
     from mpq.sensitivity import SensitivityResult, get_estimator
@@ -165,30 +165,33 @@ def _sensitivity_stage(model, calib, space, inventory, estimator, estimator_opti
                 stats = pd.read_csv(stats_path) if stats_path.exists() else pd.DataFrame()
                 return SensitivityResult(meta["estimator"], pd.read_csv(scores_path), stats,
                                          {**meta["cost"], "reused": True})
-    est = get_estimator(estimator, **(estimator_options or {}))
-    result = est.estimate(model, calib, space, inventory, loss_fn=loss_fn, progress=progress)
+    est = get_estimator(sensitivity, **(sensitivity_options or {}))
+    result = est.run(model, calib, space, inventory, loss_fn=loss_fn, progress=progress)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         result.scores.to_csv(out / "scores.csv", index=False)
         result.layer_stats.to_csv(out / "layer_stats.csv", index=False)
+        for name, table in result.tables.items():
+            table.to_csv(out / f"scores_{name.replace(':', '_')}.csv", index=False)
         (out / "sensitivity.json").write_text(json.dumps(
             {"key": key, "estimator": result.estimator, "cost": result.cost}, indent=2, default=str))
     return result
 
 
 def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], float] | None = None, *,
-           budget: Budget | Mapping[str, float] | str, device: str = "cpu", estimator: str = "hessian",
+           budget: Budget | Mapping[str, float] | str, device: str = "cpu",
+           sensitivity: str | Mapping[str, float] | list[str] = "hessian",
            solver: str = "ilp", loss_fn: LossFn | None = None, batch_size: int | None = None,
            profile: str = "ray", address: str | None = None, out: str | Path | None = None,
            metric: str = "metric", higher_is_better: bool = True, frontier_points: int = 12,
            allowed: Iterable[LayerBits | str] | None = None, pinned: Mapping[str, LayerBits | str] | None = None,
            threads: int | None = None, repeats: int = 15, warmup: int = 3, cache: bool | str | Path = True,
-           estimator_options: Mapping[str, Any] | None = None, evaluate_frontier: bool = True,
-           tie_tolerance: float = 1e-3,
+           sensitivity_options: Mapping[str, Any] | None = None, evaluate_frontier: bool = True,
+           tie_tolerance: float = 0.01,
            model_name: str | None = None, progress: bool = True, command: str | None = None) -> SearchResult:
     """Find per-layer bits that keep the most accuracy within ``budget`` on ``device``.
 
-    Stages: layer discovery -> search space from the device's kernels -> sensitivity (``estimator``) -> latency of
+    Stages: layer discovery -> search space from the device's kernels -> sensitivity -> latency of
     every (layer, option) workload measured on the device (``profile``: ``"ray"`` or ``"inprocess"``, cached) ->
     ILP under the budget and a frontier by budget sweeps -> the chosen config and uniform INT8/INT4 baselines
     applied on the real kernels, their latency measured and ``eval_fn`` evaluated. With ``out``, writes the run
@@ -197,10 +200,14 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     ``budget``: absolute (``size_mb``, ``bops``, ``latency_ms``) or relative to the float model (``size``,
     ``latency``, ``bops_ratio``), as a :class:`Budget`, dict or string like ``"size=0.3"``.
 
-    ``tie_tolerance``: allocations whose predicted loss increase is within this fraction of the float model's
-    calibration loss of the lowest one are ties for practical purposes, and the fastest of them is chosen (0 keeps
-    the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the way to
-    reproduce the run.
+    ``sensitivity``: an estimator (``"hessian"``, ``"lrp"``, ``"decoupled"``, ``"entropy"``, ``"measured"``) or a
+    weighted combination of their normalised scores (``"0.7*hessian+0.3*lrp"``, ``{"hessian": 1, "lrp": 1}``);
+    ``sensitivity_options`` are its keyword arguments (keyed by name for a combination).
+
+    ``tie_tolerance``: scores are normalised so that every layer at its most aggressive option sums to 1; allocations
+    within this much of the lowest total score are ties for practical purposes, and the fastest of them is chosen
+    (0 keeps the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the
+    way to reproduce the run.
     """
     from mpq.solvers import get_solver, sweep_frontier
 
@@ -224,11 +231,11 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
 
         t0 = time.perf_counter()
         key = hashlib.sha1(json.dumps({
-            "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(estimator),
-            "options": dict(estimator_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
+            "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(sensitivity),
+            "options": dict(sensitivity_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
             "loss": getattr(loss_fn, "__qualname__", None)}, sort_keys=True, default=str).encode()).hexdigest()
-        sens = _sensitivity_stage(model, calib, space, inventory, estimator, estimator_options, loss_fn, progress,
-                                  out, key)
+        sens = _sensitivity_stage(model, calib, space, inventory, sensitivity, sensitivity_options, loss_fn,
+                                  progress, out, key)
         stages["sensitivity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -238,10 +245,9 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         table = costs.table.merge(sens.scores[["layer", "option", "score"]], on=["layer", "option"], how="left")
         limits = budget.resolve(costs.reference.as_dict())
 
-        # Solve (ties, within tie_tolerance of the float loss, go to the fastest), and sweep the frontier.
+        # Solve (ties, within tie_tolerance of the lowest normalised score, go to the fastest); sweep the frontier.
         t0 = time.perf_counter()
-        float_loss = _calibration_loss(model, calib, loss_fn)
-        slack = max(tie_tolerance, 0.0) * abs(float_loss)
+        slack = max(tie_tolerance, 0.0)
         allocation = get_solver(solver)(table, limits, costs.fixed, secondary="latency_ms", slack=slack)
         frontier = pd.concat([sweep_frontier(table, r, costs.fixed, points=frontier_points, progress=progress)
                               for r in ("size_mb", "latency_ms")], ignore_index=True)
@@ -270,7 +276,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         "reference": costs.reference.as_dict(), "fixed": costs.fixed, "float_layers_latency_ms": costs.float_layers_ms,
         "batch_size": batch_size or calib.batch_size, "threads": threads,
         "estimator": sens.estimator, "sensitivity_cost": sens.cost, "solver": allocation.solver,
-        "float_calib_loss": float_loss, "tie_tolerance": tie_tolerance, "tie_slack": slack,
+        "tie_tolerance": tie_tolerance, "sensitivity_tables": sorted(sens.tables),
         "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
         "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
                     "cache_hits": latency.cache_hits, "repeats": repeats, "warmup": warmup},
@@ -365,17 +371,6 @@ def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, tab
                      "histogram": json.dumps(_config_of(choice).histogram()),
                      "choice": json.dumps(dict(sorted(choice.items())))})
     return pd.DataFrame(rows)
-
-
-def _calibration_loss(model: nn.Module, calib: CalibrationSet, loss_fn: LossFn | None) -> float:
-    """Mean loss of the float model over the calibration batches (the scale of the tie tolerance)."""
-    from mpq.calib import default_loss
-    from mpq.layers import call_model
-
-    if loss_fn is None:
-        calib, loss_fn = calib.with_pseudo_labels(model), default_loss
-    with torch.no_grad():
-        return sum(float(loss_fn(call_model(model, x), y)) for x, y in calib.batches) / len(calib)
 
 
 def _layer_table(inventory: LayerInventory, space: SearchSpace, table: pd.DataFrame, choice: Mapping[str, str],

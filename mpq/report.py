@@ -55,30 +55,31 @@ def render_report(run_dir: str | Path) -> str:
         rows.append([LABELS.get(r["name"], r["name"]), r["size_mb"], r["bops"] / 1e9, r["latency_predicted_ms"],
                      r["latency_measured_ms"], ratio, r["score"], r["metric_fakequant"], r["metric_real"]])
     parts.append(_table(rows, ["config", "size (MB)", "GBOPs", "latency predicted (ms)", "latency measured (ms)",
-                               "measured / predicted", "predicted loss increase", f"{metric} fake-quant",
+                               "measured / predicted", "score", f"{metric} fake-quant",
                                f"{metric} real kernels"]))
-    parts += ["", "Predicted latency = the profile table's per-layer medians summed, plus the rest of the forward "
+    parts += ["", "Score = the estimator's predicted damage, normalised so that every layer at its most aggressive "
+              "option sums to 1 (raw values in scores.csv). Predicted latency = the profile table's per-layer medians summed, plus the rest of the forward "
               "pass (the float model timed with every layer replaced by its recorded output). Measured = the applied "
               "model (real integer kernels) timed end to end, all four interleaved. Fake-quant emulates each "
               "kernel's exact numerics in float; real kernels are PyTorch's own integer kernels.", ""]
     parts += ["## Chosen config, per layer", ""]
     rows = [[r["layer"], r["kind"], r["weight_shape"], r["option"], r["score"], r.get("float_latency_ms"),
              r["latency_ms"], r["float_size_mb"], r["size_mb"]] for r in layers.to_dict("records")]
-    parts.append(_table(rows, ["layer", "kind", "weight", "option", "predicted loss increase", "float latency (ms)",
+    parts.append(_table(rows, ["layer", "kind", "weight", "option", "score", "float latency (ms)",
                                "latency (ms)", "float size (MB)", "size (MB)"]))
     if len(frontier):
         parts += ["", f"## Frontier ({len(frontier)} points, ILP at swept budgets)", ""]
         rows = [[r["point"], r["swept"], r["size_mb"], r["latency_ms"], r["bops"] / 1e9, r["score"],
                  r.get("metric"), "yes" if r.get("chosen") else ""] for r in frontier.to_dict("records")]
-        parts.append(_table(rows, ["point", "swept", "size (MB)", "latency (ms)", "GBOPs", "predicted loss increase",
+        parts.append(_table(rows, ["point", "swept", "size (MB)", "latency (ms)", "GBOPs", "score",
                                    f"{metric} fake-quant", "chosen"]))
     parts += ["", "## How it was found", ""]
     sc = run.get("sensitivity_cost", {})
-    parts.append(f"- sensitivity: `{run.get('estimator')}`: {sc.get('probes')} Hutchinson probes, "
-                 f"{sc.get('forward_passes')} forward / {sc.get('backward_passes')} backward passes, "
-                 f"{_fmt(sc.get('seconds'))} s, "
-                 + ("converged" if sc.get("converged") else "stopped at the probe limit before every score was "
-                    "known to 10% (standard errors in scores.csv)")
+    probes = f"{sc['probes']} Hutchinson probes, " if sc.get("probes") else ""
+    converged = {True: ", converged", False: ", stopped at the probe limit before every score was known to the "
+                 "tolerance (standard errors in scores.csv)"}.get(sc.get("converged"), "")
+    parts.append(f"- sensitivity: `{run.get('estimator')}`: {probes}{sc.get('forward_passes')} forward / "
+                 f"{sc.get('backward_passes')} backward passes, {_fmt(sc.get('seconds'))} s{converged}"
                  + (" (reused from an earlier run)" if sc.get("reused") else ""))
     pr = run.get("profile", {})
     parts.append(f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('backend')}`: "
@@ -87,9 +88,8 @@ def render_report(run_dir: str | Path) -> str:
     st = run.get("solver_stats", {})
     parts.append(f"- solver: `{run.get('solver')}`, {st.get('variables')} binaries, {_fmt(st.get('seconds'))} s; "
                  f"search space {_fmt(run.get('space_size'))} configs over {run.get('layers')} layers; lowest "
-                 f"predicted loss increase {_fmt(st.get('optimal_score'))}, and among allocations within "
-                 f"{_fmt(run.get('tie_slack'))} of it ({_fmt(run.get('tie_tolerance'))} of the float model's "
-                 f"calibration loss {_fmt(run.get('float_calib_loss'))}) the fastest was chosen")
+                 f"score {_fmt(st.get('optimal_score'))}, and among allocations within {_fmt(run.get('tie_tolerance'))}"
+                 f" of it the fastest was chosen")
     stages = run.get("stages_seconds", {})
     parts.append("- stage times (s): " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in stages.items()))
     for layer, note in (run.get("space_notes") or {}).items():

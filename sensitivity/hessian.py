@@ -268,12 +268,12 @@ class HessianTraceEstimator(SensitivityEstimator):
 
         rows = []
         for n, bits in space.pairs():
-            row = {"layer": n, "option": bits.name, "score": 0.0, "score_stderr": 0.0, "weight_term": 0.0,
+            row = {"layer": n, "option": bits.name, "raw_score": 0.0, "raw_score_stderr": 0.0, "weight_term": 0.0,
                    "act_term": 0.0, "weight_error": 0.0, "act_error": 0.0}
             if bits != FLOAT:
                 t = terms[(n, bits)]
-                row["score"], row["weight_term"], row["act_term"] = t.score(est)
-                row.update(score_stderr=t.stderr(est), weight_error=t.weight_error, act_error=t.act_error)
+                row["raw_score"], row["weight_term"], row["act_term"] = t.score(est)
+                row.update(raw_score_stderr=t.stderr(est), weight_error=t.weight_error, act_error=t.act_error)
             rows.append(row)
 
         stats = []

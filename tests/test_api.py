@@ -16,7 +16,7 @@ from mpq.artifacts import read_run
 from mpq.config import BitConfig
 
 QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=5, progress=False,
-             estimator_options={"max_probes": 16, "min_probes": 8})
+             sensitivity_options={"max_probes": 16, "min_probes": 8})
 
 
 @pytest.fixture(scope="module")

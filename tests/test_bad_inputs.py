@@ -13,7 +13,7 @@ from mpq.calib import CalibrationSet
 from mpq.errors import BudgetError, CalibrationError, ConfigError, NoQuantizableLayersError
 
 QUICK = dict(profile="inprocess", repeats=3, warmup=1, frontier_points=3, progress=False,
-             estimator_options={"max_probes": 8, "min_probes": 4}, evaluate_frontier=False)
+             sensitivity_options={"max_probes": 8, "min_probes": 4}, evaluate_frontier=False)
 
 
 def test_model_without_quantizable_layers():
@@ -78,7 +78,7 @@ def test_calibration_empty():
 
 def test_unknown_estimator_and_solver(digits_task):
     with pytest.raises(ConfigError, match="unknown sensitivity estimator"):
-        mpq.search(digits_task.model, digits_task.calib, budget="size=0.5", estimator="magic", **QUICK)
+        mpq.search(digits_task.model, digits_task.calib, budget="size=0.5", sensitivity="magic", **QUICK)
 
 
 def test_pinned_layer_without_kernel(digits_task):

@@ -96,8 +96,13 @@ def test_scores(digits_task):
     model, calib = digits_task.model, CalibrationSet.from_any(digits_task.calib)
     inv = discover_layers(model, calib.example)
     space = build_search_space(inv, "cpu")
-    res = get_estimator("hessian", max_probes=24).estimate(model, calib, space, inv, progress=False)
+    res = get_estimator("hessian", max_probes=24).run(model, calib, space, inv, progress=False)
     s = res.scores.set_index(["layer", "option"])["score"]
+    # normalised: every layer at its most aggressive option sums to 1; raw scores are loss increases
+    assert s.groupby(level=0).max().sum() == pytest.approx(1.0)
+    raw = res.scores.set_index(["layer", "option"])["raw_score"]
+    ratio = (raw / s.replace(0, float("nan"))).dropna()
+    assert ratio.max() == pytest.approx(ratio.min(), rel=1e-9)  # one common factor
     assert len(s) == sum(len(space[n]) for n in space.layers)
     assert all(s[(n, FLOAT.name)] == 0 for n in space.layers)
     assert (s >= 0).all()
