@@ -296,6 +296,28 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     return result
 
 
+def sensitivity_report(model: nn.Module, calib_data: Any, heldout_data: Any,
+                       estimators: Iterable[str] = ("hessian", "lrp", "decoupled", "entropy", "measured"),
+                       n_configs: int = 50, device: str | None = "cpu", loss_fn: LossFn | None = None, seed: int = 0,
+                       options: Mapping[str, Mapping[str, Any]] | None = None, backend: str = "inprocess",
+                       out: str | Path | None = None, progress: bool = True):
+    """Judge sensitivity estimators against measured damage (see :mod:`mpq.sensitivity.judge`).
+
+    Each estimator runs on ``calib_data``; the truth is the loss increase on ``heldout_data`` of every single-layer
+    option and of ``n_configs`` random mixed configs. The options are those of ``device``'s kernels, or, with
+    ``device=None``, a generic 2-8-bit space (:func:`mpq.space.generic_space`) that spans more damage. Returns an ``EstimatorReport`` (``.table`` holds Kendall tau
+    and Spearman rho per estimator, per option and per config, with each estimator's cost); with ``out``, writes
+    ``estimators.csv``, the per-option and per-config tables and ``estimators.html``.
+    """
+    from mpq.sensitivity.judge import judge_estimators
+
+    with _eval_mode(model):
+        return judge_estimators(model, calib_data, heldout_data, estimators, n_configs,
+                                None if device is None else normalize_device(device),
+                                loss_fn=loss_fn, seed=seed, options=options, backend=backend, progress=progress,
+                                out=out)
+
+
 @contextmanager
 def _eval_mode(model: nn.Module):
     """Evaluation mode for the duration of a search; the caller's mode comes back after."""

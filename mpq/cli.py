@@ -4,6 +4,7 @@
     mpq profile --model digits-cnn
     mpq apply --model digits-cnn --config runs/demo/config.json --out runs/demo/quantized.pt
     mpq dashboard runs/demo [--open]
+    mpq sensitivity-report --model digits-cnn --out runs/estimators
     mpq models
 """
 
@@ -41,7 +42,7 @@ def load_task(spec: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from mpq.api import search
+    from mpq.api import search, sensitivity_report
     from mpq.workers import profile_workloads
 
     p = argparse.ArgumentParser(prog="mpq", description="Mixed-precision bit-allocation search for PyTorch models.")
@@ -89,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("run", help="run directory")
     d.add_argument("--out", default=None)
     d.add_argument("--open", action="store_true", help="open it in a browser")
+
+    sr = sub.add_parser("sensitivity-report", help="judge sensitivity estimators against measured damage")
+    sr.add_argument("--model", required=True, help="bundled model (digits-cnn, char-lm) or module:fn")
+    sr.add_argument("--out", required=True, help="directory for estimators.csv/.html and the tables")
+    sr.add_argument("--device", default=_default(sensitivity_report, "device"),
+                    help="whose kernels define the options; 'generic' for a 2-8-bit fake-quant space")
+    sr.add_argument("--estimators", default=",".join(_default(sensitivity_report, "estimators")))
+    sr.add_argument("--configs", type=int, default=_default(sensitivity_report, "n_configs"),
+                    help="random mixed configs to measure")
+    sr.add_argument("--backend", default=_default(sensitivity_report, "backend"), choices=["ray", "inprocess"],
+                    help="where the measured damage is computed")
+    sr.add_argument("--seed", type=int, default=_default(sensitivity_report, "seed"))
 
     r = sub.add_parser("report", help="re-render a run's report.md")
     r.add_argument("run")
@@ -168,6 +181,24 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_sensitivity_report(args) -> int:
+    import pandas as pd
+
+    from mpq.api import sensitivity_report
+
+    task = load_task(args.model)
+    if not getattr(task, "heldout", None):
+        raise SystemExit(f"mpq: model {args.model!r} has no held-out batches (attribute 'heldout') to measure on")
+    report = sensitivity_report(task.model, task.calib, task.heldout, args.estimators.split(","), args.configs,
+                                None if args.device == "generic" else args.device, seed=args.seed,
+                                backend=args.backend, out=args.out,
+                                progress=not args.quiet)
+    with pd.option_context("display.width", 160):
+        print(report.table.round(3).to_string(index=False))
+    print(f"wrote {Path(args.out).resolve()} (estimators.csv, estimators.html)")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from mpq.dashboards import write_dashboard
 
@@ -195,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_apply(args)
         if args.cmd == "dashboard":
             return cmd_dashboard(args)
+        if args.cmd == "sensitivity-report":
+            return cmd_sensitivity_report(args)
         if args.cmd == "report":
             from mpq.report import write_report
 

@@ -21,7 +21,7 @@ from mpq.registry import allowed_text, layer_options, normalize_device, option_o
 class SearchSpace:
     """Allowed options per layer (float first), with a note for layers that some kernel could not take."""
 
-    device: str
+    device: str | None  # None: generic numerics, no kernels (see generic_space)
     options: Mapping[str, tuple[LayerBits, ...]]
     notes: Mapping[str, str] = field(default_factory=dict)
 
@@ -86,6 +86,15 @@ def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: 
             opts = [pin]
         options[layer.name] = tuple(opts)
     return SearchSpace(dev, options, notes)
+
+
+def generic_space(inventory: LayerInventory, weight_bits: Iterable[int] = (2, 3, 4, 6, 8),
+                  act_bits: Iterable[int | None] = (None, 8)) -> SearchSpace:
+    """A device-free space for studying sensitivity (``device=None``: fake-quant with the generic numerics of
+    :func:`mpq.quant.default_scheme`): every weight bit-width per channel, with each activation width. Not for
+    deployment: no kernel is promised to run these."""
+    opts = [FLOAT] + [LayerBits(w, a) for w in sorted(weight_bits, reverse=True) for a in act_bits]
+    return SearchSpace(None, {layer.name: tuple(opts) for layer in inventory})
 
 
 def validate_config(config: BitConfig, model: nn.Module, device: str = "cpu", example_input=None,

@@ -5,9 +5,14 @@ is an estimate of the loss increase (so scores of different layers add up, and s
 estimate cost (forward/backward passes, seconds).
 """
 
-from mpq.sensitivity.base import (SensitivityEstimator, SensitivityResult, available_estimators, get_estimator,
-                                  register_estimator)
+from mpq.sensitivity.base import (CombinedEstimator, ScoreError, SensitivityEstimator, SensitivityResult,
+                                  available_estimators, get_estimator, normalize, register_estimator)
+from mpq.sensitivity.entropy import EntropyProxyEstimator, entropy_drop, histogram_entropy
 from mpq.sensitivity.hessian import HessianTraceEstimator, hutchinson_traces
+from mpq.sensitivity.lrp import LRPEstimator, layer_relevance, lrp_rules
+from mpq.sensitivity.measured import DecoupledEstimator, MeasuredEstimator, single_layer_deltas
 
-__all__ = ["SensitivityEstimator", "SensitivityResult", "register_estimator", "get_estimator",
-           "available_estimators", "HessianTraceEstimator", "hutchinson_traces"]
+__all__ = ["SensitivityEstimator", "SensitivityResult", "ScoreError", "CombinedEstimator", "register_estimator",
+           "get_estimator", "available_estimators", "normalize", "HessianTraceEstimator", "hutchinson_traces",
+           "MeasuredEstimator", "DecoupledEstimator", "single_layer_deltas", "EntropyProxyEstimator",
+           "entropy_drop", "histogram_entropy", "LRPEstimator", "layer_relevance", "lrp_rules"]

@@ -75,73 +75,158 @@ def _rademacher(shape, generator: torch.Generator) -> Tensor:
 Estimates = dict[tuple[str, str], TraceEstimate]
 
 
+class _HessianGraph:
+    """Sets a model up for Hessian-vector products w.r.t. the named layers' weights (and, with ``activations``,
+    their inputs, through a zero perturbation added by a pre-hook), and restores it on exit."""
+
+    def __init__(self, model: nn.Module, names: list[str], activations: bool):
+        self.model, self.names, self.activations = model, names, activations
+        self.modules = modules_by_name(model, names)
+        self.weights = [self.modules[n].weight for n in names]
+        self.deltas: dict[str, list[Tensor]] = {}
+
+    def __enter__(self) -> _HessianGraph:
+        self.saved_grad = {p: p.requires_grad for p in self.model.parameters()}
+        self.was_training = self.model.training
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for w in self.weights:
+            w.requires_grad_(True)
+        self.model.eval()
+
+        def pre_hook(name):
+            def fn(mod, args):
+                d = torch.zeros_like(args[0], requires_grad=True)
+                self.deltas.setdefault(name, []).append(d)
+                return (args[0] + d,) + tuple(args[1:])
+            return fn
+
+        self.handles = [self.modules[n].register_forward_pre_hook(pre_hook(n)) for n in self.names] \
+            if self.activations else []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, flag in self.saved_grad.items():
+            p.requires_grad_(flag)
+        self.model.train(self.was_training)
+
+    def gradients(self, inputs, targets, loss_fn: LossFn):
+        """``(keys, variables, grads)`` with a graph for second derivatives; variables that carry no curvature
+        (gradient constant in them) are dropped."""
+        self.deltas.clear()
+        loss = loss_fn(call_model(self.model, inputs), targets)
+        keys = [("w", n) for n in self.names]
+        variables = list(self.weights)
+        for n in self.names if self.activations else []:
+            for d in self.deltas.get(n, []):
+                keys.append(("a", n))
+                variables.append(d)
+        grads = torch.autograd.grad(loss, variables, create_graph=True, allow_unused=True)
+        kept = [(k, v, g) for k, v, g in zip(keys, variables, grads) if g is not None and g.requires_grad]
+        return [k for k, _, _ in kept], [v for _, v, _ in kept], [g for _, _, g in kept]
+
+
+def hessian_vector_products(grads: list[Tensor], variables: list[Tensor], vectors: list[Tensor], batched: bool
+                            ) -> list[Tensor]:
+    """``H v`` for each variable; with ``batched`` every vector has a leading probe dimension and the products are
+    computed in one vectorised backward pass (``is_grads_batched``)."""
+    hvs = torch.autograd.grad(grads, variables, grad_outputs=vectors, retain_graph=True, allow_unused=True,
+                              is_grads_batched=batched)
+    return [torch.zeros_like(v) if hv is None else hv for v, hv in zip(vectors, hvs)]
+
+
 def hutchinson_traces(model: nn.Module, calib: CalibrationSet, names: list[str], loss_fn: LossFn = default_loss,
                       activations: bool = True, min_probes: int = 16, max_probes: int = 256, tol: float = 0.05,
-                      seed: int = 0, progress: bool = False,
-                      converged: Callable[[Estimates], bool] | None = None) -> Estimates:
+                      seed: int = 0, progress: bool = False, converged: Callable[[Estimates], bool] | None = None,
+                      batch_probes: int = 1) -> Estimates:
     """Hessian traces of the loss w.r.t. each named layer's weight (``("w", name)``) and input (``("a", name)``).
 
-    Stops after ``min_probes`` once ``converged(estimates)`` holds (default: every trace's standard error is within
-    ``tol`` of it, or of 1% of the largest trace), or at ``max_probes``.
+    Each step takes the next calibration batch, builds the gradient graph once and applies ``batch_probes``
+    Rademacher probes to it in one vectorised Hessian-vector product. Stops after ``min_probes`` once
+    ``converged(estimates)`` holds (default: every trace's standard error is within ``tol`` of it, or of 1% of the
+    largest trace), or at ``max_probes``. Probes of one step share its batch, so with ``batch_probes > 1`` the
+    standard errors leave out part of the between-batch variance.
     """
     converged = converged or (lambda e: _converged(e, tol))
-    modules = modules_by_name(model, names)
-    weights = [modules[n].weight for n in names]
-    saved_grad = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
-    model.eval()
-    deltas: dict[str, list[Tensor]] = {}
-
-    def pre_hook(name):
-        def fn(mod, args):
-            d = torch.zeros_like(args[0], requires_grad=True)
-            deltas.setdefault(name, []).append(d)
-            return (args[0] + d,) + tuple(args[1:])
-        return fn
-
-    handles = [modules[n].register_forward_pre_hook(pre_hook(n)) for n in names] if activations else []
-    est: dict[tuple[str, str], TraceEstimate] = {("w", n): TraceEstimate(w.numel()) for n, w in zip(names, weights)}
+    batch_probes = max(1, int(batch_probes))
+    est: Estimates = {}
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=max_probes, desc="hessian probes", disable=not progress, leave=False)
+    done = 0
     try:
-        for probe in range(max_probes):
-            inputs, targets = calib.batches[probe % len(calib)]
-            deltas.clear()
-            with torch.enable_grad():
-                loss = loss_fn(call_model(model, inputs), targets)
-                keys = [("w", n) for n in names]
-                variables = list(weights)
-                for n in names if activations else []:
-                    for d in deltas.get(n, []):
-                        keys.append(("a", n))
-                        variables.append(d)
-                grads = torch.autograd.grad(loss, variables, create_graph=True, allow_unused=True)
-                pairs = [(k, v, g) for k, v, g in zip(keys, variables, grads) if g is not None and g.requires_grad]
-                probes = [_rademacher(v.shape, gen) for _, v, _ in pairs]
-                hvs = torch.autograd.grad([g for _, _, g in pairs], [v for _, v, _ in pairs], grad_outputs=probes,
-                                          allow_unused=True)
-            vhv: dict[tuple[str, str], float] = {}
-            for (key, var, _), z, hv in zip(pairs, probes, hvs):
-                vhv[key] = vhv.get(key, 0.0) + (0.0 if hv is None else float((z * hv).sum()))
-                if key[0] == "a" and key not in est:
-                    est[key] = TraceEstimate(var.numel())
-            for key in est:
-                est[key].add(vhv.get(key, 0.0))
-            bar.update(1)
-            if probe + 1 >= min_probes and converged(est):
-                break
+        with _HessianGraph(model, names, activations) as graph, torch.enable_grad():
+            for n, w in zip(names, graph.weights):
+                est[("w", n)] = TraceEstimate(w.numel())
+            step = 0
+            while done < max_probes:
+                p = min(batch_probes, max_probes - done)
+                inputs, targets = calib.batches[step % len(calib)]
+                step += 1
+                keys, variables, grads = graph.gradients(inputs, targets, loss_fn)
+                shape = (lambda v: (p, *v.shape)) if p > 1 else (lambda v: v.shape)
+                probes = [_rademacher(shape(v), gen) for v in variables]
+                hvs = hessian_vector_products(grads, variables, probes, batched=p > 1)
+                values: dict[tuple[str, str], Tensor] = {}
+                for key, var, z, hv in zip(keys, variables, probes, hvs):
+                    per_probe = (z * hv).reshape(p, -1).sum(1) if p > 1 else (z * hv).sum().reshape(1)
+                    values[key] = values.get(key, 0) + per_probe
+                    if key[0] == "a" and key not in est:
+                        est[key] = TraceEstimate(var.numel())
+                for i in range(p):
+                    for key, e in est.items():
+                        e.add(float(values[key][i]) if key in values else 0.0)
+                done += p
+                bar.update(p)
+                if done >= min_probes and converged(est):
+                    break
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
-        for p, flag in saved_grad.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     return est
+
+
+def relative_change_rule(tol: float) -> Callable[[Estimates], bool]:
+    """PyHessian's stopping rule: every running mean moved by less than ``tol`` of itself since the last check."""
+    last: dict[tuple[str, str], float] = {}
+
+    def check(est: Estimates) -> bool:
+        ok = bool(last) and all(abs(e.mean - last.get(k, math.inf)) <= tol * max(abs(e.mean), 1e-30)
+                                for k, e in est.items())
+        last.update({k: e.mean for k, e in est.items()})
+        return ok
+    return check
+
+
+def top_eigenvalues(model: nn.Module, calib: CalibrationSet, names: list[str], loss_fn: LossFn = default_loss,
+                    iters: int = 20, tol: float = 1e-2, seed: int = 0) -> dict[str, float]:
+    """HAWQ-V1: the largest eigenvalue of each layer's Hessian block, by power iteration on the first calibration
+    batch. All layers iterate together: one vectorised product whose probe ``i`` is non-zero only in layer ``i``."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs, targets = calib.batches[0]
+    with _HessianGraph(model, names, activations=False) as graph, torch.enable_grad():
+        keys, variables, grads = graph.gradients(inputs, targets, loss_fn)
+        idx = {k[1]: i for i, k in enumerate(keys)}
+        vecs = [torch.randn(v.shape, generator=gen) for v in variables]
+        vecs = [v / v.norm() for v in vecs]
+        eig = dict.fromkeys(names, 0.0)
+        for _ in range(iters):
+            batched = [torch.zeros((len(variables), *v.shape)) for v in variables]
+            for i, v in enumerate(vecs):
+                batched[i][i] = v
+            hvs = hessian_vector_products(grads, variables, batched, batched=True)
+            new_vecs, moved = [], 0.0
+            for i, v in enumerate(vecs):
+                hv = hvs[i][i]
+                lam = float((v * hv).sum())
+                moved = max(moved, abs(lam - eig[keys[i][1]]) / max(abs(lam), 1e-30))
+                eig[keys[i][1]] = lam
+                norm = hv.norm()
+                new_vecs.append(hv / norm if norm > 0 else v)
+            vecs = new_vecs
+            if moved < tol:
+                break
+    return {n: eig.get(n, 0.0) if n in idx else 0.0 for n in names}
 
 
 def _converged(est: dict[tuple[str, str], TraceEstimate], tol: float) -> bool:
@@ -229,13 +314,23 @@ class HessianTraceEstimator(SensitivityEstimator):
     name = "hessian"
 
     def __init__(self, min_probes: int = 16, max_probes: int = 128, tol: float = 0.1, floor: float = 0.01,
-                 activations: bool = True, seed: int = 0):
+                 activations: bool = True, seed: int = 0, batch_probes: int = 8, stop: str = "stderr",
+                 mode: str = "trace", eigen_iters: int = 20):
+        if stop not in ("stderr", "change"):
+            raise ValueError(f"stop rule {stop!r} not supported: use 'stderr' (scores known to tol) or 'change' "
+                             f"(running means move by less than tol)")
+        if mode not in ("trace", "eigen"):
+            raise ValueError(f"mode {mode!r} not supported: use 'trace' (HAWQ-V2/V3) or 'eigen' (HAWQ-V1)")
         self.min_probes = min_probes
         self.max_probes = max_probes
         self.tol = tol
         self.floor = floor
-        self.activations = activations
+        self.activations = activations and mode == "trace"
         self.seed = seed
+        self.batch_probes = batch_probes
+        self.stop = stop
+        self.mode = mode
+        self.eigen_iters = eigen_iters
 
     def estimate(self, model: nn.Module, calib: CalibrationSet, space: SearchSpace, inventory: LayerInventory,
                  loss_fn: LossFn | None = None, progress: bool = True) -> SensitivityResult:
@@ -261,10 +356,19 @@ class HessianTraceEstimator(SensitivityEstimator):
             terms[(n, bits)] = _ScoreTerms(n, 0.5 * w_err / modules[n].weight.numel(),
                                            0.5 * a_err / act_numel[n] if a_err else 0.0, w_err, a_err)
 
-        est = hutchinson_traces(model, calib, names, loss_fn, self.activations, self.min_probes, self.max_probes,
-                                self.tol, self.seed, progress,
-                                converged=_scores_converged(list(terms.values()), self.tol, self.floor)
-                                ) if names else {}
+        rule = _scores_converged(list(terms.values()), self.tol, self.floor) if self.stop == "stderr" \
+            else relative_change_rule(self.tol)
+        if self.mode == "eigen":
+            # HAWQ-V1: the top eigenvalue stands in for the average curvature: score = 1/2 lambda_max ||dW||^2.
+            lams = top_eigenvalues(model, calib, names, loss_fn, self.eigen_iters, seed=self.seed)
+            # an exact value, recorded as two equal samples: mean lambda, zero spread
+            est = {("w", n): TraceEstimate(1, 2, 2 * lams[n], 2 * lams[n] ** 2) for n in names}
+            for t in terms.values():
+                t.w_coef *= modules[t.layer].weight.numel()
+        else:
+            est = hutchinson_traces(model, calib, names, loss_fn, self.activations, self.min_probes,
+                                    self.max_probes, self.tol, self.seed, progress, converged=rule,
+                                    batch_probes=self.batch_probes) if names else {}
 
         rows = []
         for n, bits in space.pairs():
@@ -283,9 +387,13 @@ class HessianTraceEstimator(SensitivityEstimator):
             stats.append({"layer": n, "weight_trace": w.mean, "weight_trace_stderr": w.stderr, "weight_numel": w.numel,
                           "act_trace": a.mean if a else nan, "act_trace_stderr": a.stderr if a else nan,
                           "act_numel": a.numel if a else 0, "probes": w.probes, "avg_weight_trace": w.mean / w.numel})
-        probes = max((e.probes for e in est.values()), default=0)
-        done = bool(est) and _scores_converged(list(terms.values()), self.tol, self.floor)(est)
-        cost = {"forward_passes": probes + 2 * len(calib), "backward_passes": 2 * probes, "probes": probes,
+        probes = max((e.probes for e in est.values()), default=0) if self.mode == "trace" else 0
+        steps = math.ceil(probes / max(self.batch_probes, 1)) if self.mode == "trace" else self.eigen_iters
+        # converged: the stopping rule ended the probes early, or the score rule holds at the end
+        done = self.mode == "eigen" or probes < self.max_probes or (
+            bool(est) and _scores_converged(list(terms.values()), self.tol, self.floor)(est))
+        cost = {"forward_passes": steps + 2 * len(calib), "backward_passes": 2 * steps, "probes": probes,
+                "batch_probes": self.batch_probes, "mode": self.mode, "stop": self.stop,
                 "seconds": time.perf_counter() - t0, "converged": done}
         log.info("hessian: %d probes over %d layers in %.1fs (%s)", probes, len(names), cost["seconds"],
                  "converged" if done else f"stopped at max_probes={self.max_probes}")

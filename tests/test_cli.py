@@ -86,3 +86,10 @@ def test_readme_demo_on_ray(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["profile"]["backend"] == "ray"
     assert run["profile"]["measured"] + run["profile"]["cache_hits"] == run["profile"]["workloads"]
+
+
+def test_sensitivity_report(tmp_path):
+    proc = mpq_cli("-q", "sensitivity-report", "--model", "digits-cnn", "--out", str(tmp_path / "est"),
+                   "--estimators", "lrp,entropy", "--configs", "8")
+    assert "tau_config" in proc.stdout and "lrp" in proc.stdout
+    assert (tmp_path / "est" / "estimators.csv").exists() and (tmp_path / "est" / "estimators.html").exists()

@@ -37,7 +37,7 @@ def test_workload_builds_the_applied_module(lm_workloads):
     _, _, _, by_pair = lm_workloads
     module, x = by_pair[("blocks.1.attn.qkv", "w4a16g32")].build()
     assert type(module).__name__ == "Int4WeightOnlyGemm"
-    assert x.shape == (8, 128, 128) and module(x).shape == (8, 128, 384)
+    assert x.shape == (16, 128, 128) and module(x).shape == (16, 128, 384)
 
 
 @pytest.mark.ray

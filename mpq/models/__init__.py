@@ -36,6 +36,7 @@ class ReferenceTask:
     higher_is_better: bool
     description: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    heldout: list[tuple[Any, Any]] = field(default_factory=list)  # the evaluation data as (inputs, targets) batches
 
 
 _TASKS = {"digits-cnn": "mpq.models.digits", "char-lm": "mpq.models.charlm"}

@@ -9,7 +9,7 @@ from torch import nn
 NAME = "digits-cnn"
 SPLIT_SEED = 0
 N_TEST = 360
-CALIB_BATCHES, CALIB_BATCH_SIZE = 4, 64
+CALIB_BATCHES, CALIB_BATCH_SIZE = 4, 64  # held out from training: damage measured on it predicts unseen data
 
 
 class DigitsCNN(nn.Module):
@@ -30,15 +30,17 @@ class DigitsCNN(nn.Module):
 
 
 def load_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic split: ``test`` (360 images) and ``train`` (the rest); pixels scaled to [0, 1]."""
+    """Deterministic split: ``test`` (360 images), ``calib`` (256, never trained on), ``train`` (the rest, 1,181);
+    pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    test, train = perm[:N_TEST], perm[N_TEST:]
-    return {"train": (x[train], y[train]), "test": (x[test], y[test])}
+    n_calib = CALIB_BATCHES * CALIB_BATCH_SIZE
+    test, calib, train = perm[:N_TEST], perm[N_TEST:N_TEST + n_calib], perm[N_TEST + n_calib:]
+    return {"train": (x[train], y[train]), "calib": (x[calib], y[calib]), "test": (x[test], y[test])}
 
 
 @torch.no_grad()
@@ -49,8 +51,8 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
 
 
 def calibration_batches(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``CALIB_BATCHES`` x ``CALIB_BATCH_SIZE`` training images (labels included, for the loss)."""
-    x, y = data["train"]
+    """The calibration split as ``CALIB_BATCHES`` batches of ``CALIB_BATCH_SIZE`` (labels included, for the loss)."""
+    x, y = data["calib"]
     n = CALIB_BATCH_SIZE
     return [(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i in range(CALIB_BATCHES)]
 
@@ -94,4 +96,5 @@ def load_task():
     return ReferenceTask(
         name=NAME, model=model, calib=calibration_batches(data), eval_fn=lambda m: accuracy(m, test),
         metric="top1", higher_is_better=True,
-        description=f"5-layer CNN on sklearn digits (8x8), top-1 on {N_TEST} held-out images", info=meta)
+        description=f"5-layer CNN on sklearn digits (8x8), top-1 on {N_TEST} held-out images", info=meta,
+        heldout=[(test[0][i:i + 120], test[1][i:i + 120]) for i in range(0, N_TEST, 120)])

@@ -1,0 +1,234 @@
+"""Measured sensitivity, the ground truth the other estimators are judged by.
+
+Each (layer, option) is applied alone (fake-quant with the target kernel's exact numerics, every other layer in
+float) and the damage is measured on the given batches: the task-loss increase, and for ``decoupled`` also the KL
+divergence of the output distribution from the float one and the distortion of the final features (the input of
+the model's last quantizable layer). The work fans out over Ray actors, each holding one copy of the model (shipped
+once through the object store), or runs in-process; either way progress is shown per finished chunk.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpq.calib import CalibrationSet, LossFn, default_loss, model_output
+from mpq.config import FLOAT, LayerBits
+from mpq.fakequant import FakeQuantLayer
+from mpq.layers import LayerInventory, call_model, set_submodule
+from mpq.registry import scheme_for
+from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
+from mpq.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+METRICS = ("loss", "kl", "feature")
+
+
+def _kl(out_q: torch.Tensor, out_f: torch.Tensor) -> float:
+    """KL(float || quantized) of the softmax over the last dim, averaged over every other position."""
+    lq = F.log_softmax(out_q.reshape(-1, out_q.shape[-1]).float(), -1)
+    lf = F.log_softmax(out_f.reshape(-1, out_f.shape[-1]).float(), -1)
+    return float(F.kl_div(lq, lf, log_target=True, reduction="batchmean"))
+
+
+def _feature_distortion(h_q: torch.Tensor, h_f: torch.Tensor) -> float:
+    """Relative squared error of the final features: ``||h_q - h_f||^2 / ||h_f||^2``."""
+    return float((h_q.float() - h_f.float()).pow(2).sum() / h_f.float().pow(2).sum().clamp_min(1e-30))
+
+
+class DeltaRunner:
+    """Holds one model copy and the batches; measures the damage of configs (layer -> option), swapping the layers
+    for fake-quant ones in place and back, so no copy is made per config."""
+
+    def __init__(self, model: nn.Module, batches: list[tuple[Any, Any]], inventory: LayerInventory, device: str | None,
+                 loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",), threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = copy.deepcopy(model).eval()
+        self.batches = batches
+        self.inventory = inventory
+        self.device = device
+        self.loss_fn = loss_fn or default_loss
+        self.metrics = tuple(metrics)
+        self.feature_layer = inventory.names[-1]
+        self.reference = [self._forward(x) for x, _ in batches]
+
+    @torch.no_grad()
+    def _forward(self, inputs) -> tuple[Any, torch.Tensor | None]:
+        feats: list[torch.Tensor] = []
+        handle = None
+        if "feature" in self.metrics:
+            handle = self.model.get_submodule(self.feature_layer).register_forward_pre_hook(
+                lambda mod, args: feats.append(args[0].detach()))
+        try:
+            out = call_model(self.model, inputs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out, (feats[0] if feats else None)
+
+    def measure(self, configs: list[dict[str, str]]) -> list[dict[str, float]]:
+        """Mean damage per batch on every metric, one dict per config."""
+        rows = []
+        for config in configs:
+            originals = {}
+            try:
+                for layer, option in config.items():
+                    bits = LayerBits.parse(option)
+                    if bits != FLOAT:
+                        originals[layer] = self.model.get_submodule(layer)
+                        scheme = scheme_for(self.inventory[layer], bits, self.device)
+                        set_submodule(self.model, layer, FakeQuantLayer(originals[layer], scheme, layer))
+                sums = dict.fromkeys(self.metrics, 0.0)
+                for (x, y), (out_f, h_f) in zip(self.batches, self.reference):
+                    out_q, h_q = self._forward(x)
+                    if "loss" in sums:
+                        sums["loss"] += float(self.loss_fn(out_q, y)) - float(self.loss_fn(out_f, y))
+                    if "kl" in sums:
+                        sums["kl"] += _kl(model_output(out_q), model_output(out_f))
+                    if "feature" in sums:
+                        sums["feature"] += _feature_distortion(h_q, h_f)
+            finally:
+                for layer, module in originals.items():
+                    set_submodule(self.model, layer, module)
+            rows.append({m: v / len(self.batches) for m, v in sums.items()})
+        return rows
+
+
+def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[str, str]], inventory: LayerInventory,
+                  device: str | None, loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",),
+                  backend: str = "inprocess", address: str | None = None, workers: int | None = None,
+                  chunk_size: int = 4, progress: bool = True, desc: str = "damage") -> list[dict[str, float]]:
+    """The damage of each config (layer -> option name, other layers float) on every metric, in order."""
+    metrics = tuple(metrics)
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown damage metrics {sorted(unknown)}; available: {', '.join(METRICS)}")
+    if loss_fn is None:
+        calib = calib.with_pseudo_labels(model)
+    chunks = [list(range(i, min(i + chunk_size, len(configs)))) for i in range(0, len(configs), chunk_size)]
+    results: dict[int, dict[str, float]] = {}
+    bar = tqdm(total=len(configs), desc=desc, disable=not progress, leave=False)
+    try:
+        if backend == "inprocess":
+            runner = DeltaRunner(model, calib.batches, inventory, device, loss_fn, metrics)
+            for chunk in chunks:
+                results.update(zip(chunk, runner.measure([configs[i] for i in chunk])))
+                bar.update(len(chunk))
+        elif backend == "ray":
+            from mpq.workers import ensure_ray
+
+            ray = ensure_ray(address)
+            n_workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+            n_workers = max(1, min(n_workers, len(chunks)))
+            actor_cls = ray.remote(num_cpus=1)(DeltaRunner)
+            model_ref, batches_ref = ray.put(model), ray.put(calib.batches)  # one copy in the object store
+            actors = [actor_cls.remote(model_ref, batches_ref, inventory, device, loss_fn, metrics, 1)
+                      for _ in range(n_workers)]
+            pending = {actors[i % n_workers].measure.remote([configs[j] for j in chunk]): chunk
+                       for i, chunk in enumerate(chunks)}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                chunk = pending.pop(done[0])
+                results.update(zip(chunk, ray.get(done[0])))
+                bar.update(len(chunk))
+            for a in actors:
+                ray.kill(a)
+        else:
+            raise ValueError(f"backend {backend!r} not supported: use 'ray' or 'inprocess'")
+    finally:
+        bar.close()
+    return [results[i] for i in range(len(configs))]
+
+
+def single_layer_deltas(model: nn.Module, calib: CalibrationSet, space: SearchSpace, inventory: LayerInventory,
+                        loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",), backend: str = "inprocess",
+                        address: str | None = None, workers: int | None = None, chunk_size: int = 4,
+                        progress: bool = True) -> pd.DataFrame:
+    """One row per (layer, option) of ``space``: the mean damage per batch on every metric (float rows are 0)."""
+    pairs = [(l, b.name) for l, b in space.pairs() if b != FLOAT]
+    damage = config_damage(model, calib, [{l: o} for l, o in pairs], inventory, space.device, loss_fn, metrics,
+                           backend, address, workers, chunk_size, progress, desc="single-layer damage")
+    by_pair = dict(zip(pairs, damage))
+    zero = dict.fromkeys(tuple(metrics), 0.0)
+    return pd.DataFrame([{"layer": l, "option": b.name, **by_pair.get((l, b.name), zero)} for l, b in space.pairs()])
+
+
+@register_estimator
+class MeasuredEstimator(SensitivityEstimator):
+    """Ground truth: the task-loss increase of each (layer, option) applied alone, measured on the batches given."""
+
+    name = "measured"
+
+    def __init__(self, backend: str = "ray", address: str | None = None, workers: int | None = None,
+                 chunk_size: int = 4):
+        self.backend, self.address, self.workers, self.chunk_size = backend, address, workers, chunk_size
+
+    def estimate(self, model, calib, space, inventory, loss_fn=None, progress=True) -> SensitivityResult:
+        t0 = time.perf_counter()
+        deltas = single_layer_deltas(model, calib, space, inventory, loss_fn, ("loss",), self.backend, self.address,
+                                     self.workers, self.chunk_size, progress)
+        scores = deltas.rename(columns={"loss": "raw_score"})
+        n = int((scores["option"] != FLOAT.name).sum())
+        cost = {"forward_passes": (n + 1) * len(calib), "backward_passes": 0, "seconds": time.perf_counter() - t0,
+                "backend": self.backend}
+        return SensitivityResult(self.name, scores, pd.DataFrame(), cost,
+                                 {"loss": deltas.rename(columns={"loss": "value"})})
+
+
+@register_estimator
+class DecoupledEstimator(SensitivityEstimator):
+    """MixDQ's metric-decoupled sensitivity.
+
+    Every (layer, option) is measured on several damage metrics (task loss; KL of the output distribution from the
+    float one; relative distortion of the final features). Each metric is normalised by its own total over the most
+    aggressive allocation, each layer is assigned to the metric it affects most (largest normalised damage), and
+    within each metric group scores are scaled so the group's largest is 1: layers that mainly hurt a metric which
+    rarely dominates are not drowned out by the others. The per-metric tables are exposed (``result.tables``) so a
+    solver can weight or cap each metric.
+    """
+
+    name = "decoupled"
+
+    def __init__(self, metrics: Iterable[str] = ("loss", "kl", "feature"), backend: str = "ray",
+                 address: str | None = None, workers: int | None = None, chunk_size: int = 4):
+        self.metrics = tuple(metrics)
+        if len(self.metrics) < 2:
+            raise ValueError("metric-decoupled sensitivity needs at least two metrics")
+        self.backend, self.address, self.workers, self.chunk_size = backend, address, workers, chunk_size
+
+    def estimate(self, model, calib, space, inventory, loss_fn=None, progress=True) -> SensitivityResult:
+        t0 = time.perf_counter()
+        deltas = single_layer_deltas(model, calib, space, inventory, loss_fn, self.metrics, self.backend,
+                                     self.address, self.workers, self.chunk_size, progress)
+        shares = deltas[["layer", "option"]].copy()
+        for m in self.metrics:
+            pos = deltas[m].clip(lower=0)
+            total = float(pos.groupby(deltas["layer"]).max().sum()) or 1.0
+            shares[m] = pos / total
+        per_layer = shares.groupby("layer", sort=False)[list(self.metrics)].max()
+        dominant = per_layer.idxmax(axis=1)
+        scores = deltas[["layer", "option"]].copy()
+        scores["metric"] = scores["layer"].map(dominant)
+        scores["raw_score"] = 0.0
+        for m in self.metrics:
+            group = scores["metric"] == m
+            top = float(deltas.loc[group, m].clip(lower=0).max()) if group.any() else 0.0
+            scores.loc[group, "raw_score"] = deltas.loc[group, m].clip(lower=0) / (top if top > 0 else 1.0)
+        stats = per_layer.reset_index().rename(columns={m: f"share_{m}" for m in self.metrics})
+        stats["metric"] = stats["layer"].map(dominant)
+        n = int((deltas["option"] != FLOAT.name).sum())
+        cost = {"forward_passes": (n + 1) * len(calib), "backward_passes": 0, "seconds": time.perf_counter() - t0,
+                "groups": {m: int((dominant == m).sum()) for m in self.metrics}}
+        tables = {m: deltas[["layer", "option", m]].rename(columns={m: "value"}) for m in self.metrics}
+        return SensitivityResult(self.name, scores, stats, cost, tables)
