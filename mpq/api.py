@@ -181,7 +181,8 @@ def _sensitivity_stage(model, calib, space, inventory, sensitivity, sensitivity_
 def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], float] | None = None, *,
            budget: Budget | Mapping[str, float] | str, device: str = "cpu",
            sensitivity: str | Mapping[str, float] | list[str] = "hessian",
-           solver: str = "ilp", loss_fn: LossFn | None = None, batch_size: int | None = None,
+           solver: str = "ilp", solver_options: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None,
+           batch_size: int | None = None,
            profile: str = "ray", address: str | None = None, out: str | Path | None = None,
            metric: str = "metric", higher_is_better: bool = True, frontier_points: int = 12,
            allowed: Iterable[LayerBits | str] | None = None, pinned: Mapping[str, LayerBits | str] | None = None,
@@ -204,13 +205,17 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     weighted combination of their normalised scores (``"0.7*hessian+0.3*lrp"``, ``{"hessian": 1, "lrp": 1}``);
     ``sensitivity_options`` are its keyword arguments (keyed by name for a combination).
 
+    ``solver``: ``"ilp"`` (default), ``"pareto"`` (the exact frontier of the budget's main resource, and its best
+    point in budget), ``"greedy"``, ``"optuna"`` (NSGA-II, warm-started from the ILP, its study kept in
+    ``out/optuna.sqlite`` so an interrupted search resumes) or ``"exhaustive"``; ``solver_options`` go to it (e.g.
+    ``{"objective": {"score_kl": 1, "score_loss": 1}}`` to weight the ``decoupled`` estimator's per-metric tables,
+    ``{"caps": {"score_kl": 0.2}}`` to cap one, ``{"min_bits": {"fc2": 8}}``).
+
     ``tie_tolerance``: scores are normalised so that every layer at its most aggressive option sums to 1; allocations
     within this much of the lowest total score are ties for practical purposes, and the fastest of them is chosen
     (0 keeps the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the
     way to reproduce the run.
     """
-    from mpq.solvers import get_solver, sweep_frontier
-
     t_start = time.perf_counter()
     dev = normalize_device(device)
     budget = Budget.parse(budget)
@@ -242,15 +247,14 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         costs = _cost_stage(model, inventory, space, example, dev, profile, address, cache, threads, warmup,
                             repeats, batch_size, progress)
         stages["profile"] = time.perf_counter() - t0
-        table = costs.table.merge(sens.scores[["layer", "option", "score"]], on=["layer", "option"], how="left")
+        table = costs.table.merge(_score_columns(sens), on=["layer", "option"], how="left")
         limits = budget.resolve(costs.reference.as_dict())
 
-        # Solve (ties, within tie_tolerance of the lowest normalised score, go to the fastest); sweep the frontier.
+        # Solve (ties, within tie_tolerance of the lowest normalised score, go to the fastest); the frontiers.
         t0 = time.perf_counter()
-        slack = max(tie_tolerance, 0.0)
-        allocation = get_solver(solver)(table, limits, costs.fixed, secondary="latency_ms", slack=slack)
-        frontier = pd.concat([sweep_frontier(table, r, costs.fixed, points=frontier_points, progress=progress)
-                              for r in ("size_mb", "latency_ms")], ignore_index=True)
+        allocation = _solve(solver, table, limits, costs.fixed, max(tie_tolerance, 0.0), dict(solver_options or {}),
+                            out, progress)
+        frontier = _frontiers(table, costs.fixed, frontier_points, allocation, progress)
         stages["solve"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -316,6 +320,47 @@ def sensitivity_report(model: nn.Module, calib_data: Any, heldout_data: Any,
                                 None if device is None else normalize_device(device),
                                 loss_fn=loss_fn, seed=seed, options=options, backend=backend, progress=progress,
                                 out=out)
+
+
+def _score_columns(sens) -> pd.DataFrame:
+    """The estimator's ``score`` plus every other normalised table it exposes, as ``score_<name>`` columns (a
+    combination's members, the decoupled estimator's per-metric damage) for weighted objectives and caps."""
+    from mpq.sensitivity import normalize
+
+    cols = sens.scores[["layer", "option", "score", *[c for c in sens.scores if c.startswith("score_")]]]
+    for name, t in sens.tables.items():
+        if "value" in t.columns:
+            extra = normalize(t.rename(columns={"value": "raw_score"}))[["layer", "option", "score"]]
+            cols = cols.merge(extra.rename(columns={"score": f"score_{name.replace(':', '_')}"}),
+                              on=["layer", "option"], how="left")
+    return cols
+
+
+def _solve(solver: str, table, limits, fixed, slack: float, options: dict, out, progress):
+    """Run the chosen solver; Optuna is warm-started from the ILP and keeps its study in the run directory."""
+    from mpq.solvers import get_solver, ilp_allocate
+
+    kwargs = {"secondary": "latency_ms", "slack": slack, **options}
+    if solver == "optuna":
+        ilp = ilp_allocate(table, limits, fixed, **{k: v for k, v in kwargs.items() if k in (
+            "secondary", "slack", "objective", "caps", "allowed", "pinned", "min_bits")})
+        kwargs.setdefault("warm_start", [ilp.choice])
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            kwargs.setdefault("storage", out / "optuna.sqlite")
+        kwargs["progress"] = progress
+    return get_solver(solver)(table, limits, fixed, **kwargs)
+
+
+def _frontiers(table, fixed, points, allocation, progress) -> pd.DataFrame:
+    """The exact frontiers of size and latency (walk, or hull points past ``points``), and the solver's own."""
+    from mpq.solvers import pareto_frontier
+
+    parts = [pareto_frontier(table, r, fixed, points=points, progress=progress)[0] for r in ("size_mb", "latency_ms")]
+    if allocation.frontier is not None:
+        parts.append(allocation.frontier.assign(swept=f"{allocation.solver}"))
+    cols = ["swept", "budget", "score", "size_mb", "bops", "latency_ms", "exact", "method", "choice"]
+    return pd.concat([p[[c for c in cols if c in p]] for p in parts], ignore_index=True)
 
 
 @contextmanager

@@ -65,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory to write")
     s.add_argument("--sensitivity", default=_default(search, "sensitivity"),
                    help="estimator or weighted combination, e.g. hessian, lrp, '0.7*hessian+0.3*decoupled'")
-    s.add_argument("--solver", default=_default(search, "solver"))
+    s.add_argument("--solver", default=_default(search, "solver"), choices=["ilp", "pareto", "greedy", "optuna",
+                                                                             "exhaustive"])
+    s.add_argument("--solver-options", default=None, type=json.loads,
+                   help='JSON, e.g. \'{"n_trials": 500}\' for optuna or \'{"min_bits": {"fc2": 8}}\'')
     s.add_argument("--profile", default=_default(search, "profile"), choices=["ray", "inprocess"])
     s.add_argument("--address", default=_default(search, "address"), help="Ray cluster address (default: local)")
     s.add_argument("--frontier-points", type=int, default=_default(search, "frontier_points"))
@@ -118,7 +121,7 @@ def cmd_search(args) -> int:
     budget = Budget.parse(",".join(args.budget))
     command = "mpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     result = search(task.model, task.calib, task.eval_fn, budget=budget, device=args.device,
-                    sensitivity=args.sensitivity, solver=args.solver, batch_size=args.batch_size, profile=args.profile,
+                    sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options, batch_size=args.batch_size, profile=args.profile,
                     address=args.address, out=args.out, metric=task.metric, higher_is_better=task.higher_is_better,
                     frontier_points=args.frontier_points, threads=args.threads, repeats=args.repeats,
                     allowed=args.allowed.split(",") if args.allowed else None, cache=not args.no_cache,

@@ -1,103 +1,190 @@
-"""Integer program (HAWQ-V3 / "Improving PTQ" style): one binary per (layer, option), one option per layer,
-minimise total score subject to any combination of size, BOPs and latency limits. Solved with PuLP (CBC bundled;
-HiGHS when installed).
+"""Integer program (HAWQ-V3, "Improving PTQ", MixDQ): one binary per (layer, option), one option per layer;
+minimise the total score (or a weighted sum of score columns) subject to any combination of size, BOPs and latency
+limits and caps on other columns (e.g. a per-metric damage table of the ``decoupled`` estimator).
 
-Coefficients are scaled (scores by the largest score, each constraint by its limit) so that tiny scores and BOPs in
-the 1e9s do not meet the solver's absolute tolerances.
-
-With ``secondary``, a second solve keeps the total score within ``slack`` of the optimum and minimises that cost
-column instead: among allocations whose predicted damage is the same for practical purposes, the cheapest.
+The model is built once as matrices and solved by CBC (through PuLP, the default) or HiGHS (through
+``scipy.optimize.milp``, always installed with SciPy). Coefficients are scaled (the objective to a mean coefficient of 1,
+each constraint by its limit) so that tiny scores and BOPs in the 1e9s do not meet the solvers' absolute
+tolerances. With ``secondary``, a second solve keeps the objective within ``slack`` of the optimum and minimises
+that cost column instead: among allocations whose predicted damage is the same for practical purposes, the
+cheapest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
+import os
+import sys
 import time
 import warnings
-from typing import Mapping
+from typing import Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from mpq.errors import BudgetError, ConfigError
-from mpq.solvers.base import Allocation, check_reachable, check_table, smallest_reachable, totals_of
+from mpq.solvers.base import (Allocation, check_reachable, check_table, finite_limits, objective_values, restrict,
+                              smallest_reachable, totals_of)
 
 log = logging.getLogger(__name__)
+BACKENDS = ("cbc", "highs")
 
 
-def _pulp_solver(name: str, time_limit: float | None):
-    import pulp
+class Infeasible(Exception):
+    pass
 
-    name = name.lower()
-    if name == "cbc":
+
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Silence what native code writes to the process's stdout/stderr (HiGHS prints debug lines of its own)."""
+    try:
+        fds = [sys.stdout.fileno(), sys.stderr.fileno()]
+    except (AttributeError, OSError, ValueError):  # captured streams without file descriptors
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
+class BinaryProgram:
+    """``min c.x`` over binaries with one option per layer and ``A_ub x <= b_ub`` rows; re-solvable with other
+    objectives and extra rows (for lexicographic tie-breaks and frontier sweeps)."""
+
+    def __init__(self, table: pd.DataFrame, backend: str = "cbc", time_limit: float | None = None):
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown ILP backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        self.table = table
+        self.backend = backend
+        self.time_limit = time_limit
+        self.layer_codes, self.layers = pd.factorize(table["layer"], sort=False)
+        self.rows: list[tuple[np.ndarray, float]] = []
+        self.solves = 0
+
+    def add_row(self, coeffs: np.ndarray, bound: float) -> None:
+        """``coeffs . x <= bound``."""
+        self.rows.append(self._scaled(coeffs, bound))
+
+    @staticmethod
+    def _scaled(coeffs: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+        """The row divided by ``|bound|``, or by its mean coefficient when the bound is (near) zero."""
+        coeffs = np.asarray(coeffs, float)
+        scale = max(abs(bound), float(np.abs(coeffs).mean())) or 1.0
+        return coeffs / scale, bound / scale
+
+    def solve(self, c: np.ndarray, extra: Iterable[tuple[np.ndarray, float]] = (),
+              scale: float | None = None) -> np.ndarray:
+        """The optimal 0/1 vector, or :class:`Infeasible`.
+
+        The objective is divided by ``scale``, by default its mean coefficient: an allocation then totals about the
+        number of layers, far above the solvers' absolute tolerances (at a total near 0.01 CBC stopped 4e-5 short
+        of the optimum). Callers that know the optimum's magnitude pass it.
+        """
+        scale = scale or float(np.abs(c).mean()) or 1.0
+        rows = list(self.rows) + [self._scaled(coeffs, bound) for coeffs, bound in extra]
+        self.solves += 1
+        solver = self._highs if self.backend == "highs" else self._cbc
+        return solver(np.asarray(c, float) / scale, rows)
+
+    def _highs(self, c, rows):
+        from scipy.optimize import Bounds, LinearConstraint, milp
+        from scipy.sparse import csr_matrix, vstack
+
+        n = len(c)
+        eq = csr_matrix((np.ones(n), (self.layer_codes, np.arange(n))), shape=(len(self.layers), n))
+        cons = [LinearConstraint(eq, 1, 1)]
+        if rows:
+            cons.append(LinearConstraint(vstack([csr_matrix(r[0][None, :]) for r in rows]), -np.inf,
+                                         np.array([r[1] for r in rows]) + 1e-9))
+        opts = {"mip_rel_gap": 0.0, **({"time_limit": self.time_limit} if self.time_limit else {})}
+        with _quiet_native_output():
+            res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options=opts)
+        if res.status == 2 or res.x is None:
+            raise Infeasible(res.message)
+        if res.status != 0:
+            raise BudgetError(f"HiGHS ended with status {res.status}: {res.message}")
+        return res.x > 0.5
+
+    def _cbc(self, c, rows):
+        import pulp
+
+        prob = pulp.LpProblem("mpq_bit_allocation", pulp.LpMinimize)
+        x = [prob.add_variable(f"x{i}", cat=pulp.LpBinary) for i in range(len(c))]
+
+        def expr(coeffs) -> pulp.LpAffineExpression:  # built from pairs: far faster than lpSum of products
+            nz = np.flatnonzero(coeffs)
+            return pulp.LpAffineExpression([(x[i], float(coeffs[i])) for i in nz])
+
+        prob += expr(c)
+        members: dict[int, list] = {}
+        for i, code in enumerate(self.layer_codes):
+            members.setdefault(int(code), []).append((x[i], 1.0))
+        for code, pairs in members.items():
+            prob += pulp.LpConstraint(pulp.LpAffineExpression(pairs), pulp.LpConstraintEQ, f"one_option_{code}", 1)
+        for k, (coeffs, bound) in enumerate(rows):
+            prob += pulp.LpConstraint(expr(coeffs), pulp.LpConstraintLE, f"row_{k}", bound + 1e-9)
         with warnings.catch_warnings():
             # PuLP 3.x warns that 4.0 moves CBC into an extra; 3.x (pinned) bundles it, which is what we want.
             warnings.simplefilter("ignore", DeprecationWarning)
-            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=0.0)
-    if name == "highs":
-        for cls in ("HiGHS", "HiGHS_CMD"):
-            solver = getattr(pulp, cls, None)
-            if solver is not None and solver(msg=False).available():
-                return solver(msg=False, timeLimit=time_limit, gapRel=0.0)
-        raise ConfigError("solver 'highs' is not installed: pip install highspy (or use solver='cbc')")
-    raise ConfigError(f"unknown ILP backend {name!r}: use 'cbc' or 'highs'")
+            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=self.time_limit, gapRel=0.0, gapAbs=0.0)
+        status = pulp.LpStatus[prob.solve(cmd)]
+        if status == "Infeasible":
+            raise Infeasible(status)
+        if status != "Optimal":
+            raise BudgetError(f"CBC ended with status {status!r}")
+        return np.array([(v.value() or 0) > 0.5 for v in x])
 
 
 def ilp_allocate(table: pd.DataFrame, limits: Mapping[str, float] | None = None,
                  fixed: Mapping[str, float] | None = None, backend: str = "cbc", time_limit: float | None = None,
-                 secondary: str | None = None, slack: float = 0.0) -> Allocation:
-    """Minimise ``sum(score)`` with one option per layer and ``sum(cost) + fixed <= limit`` per limited column.
+                 secondary: str | None = None, slack: float = 0.0, objective: str | Mapping[str, float] = "score",
+                 caps: Mapping[str, float] | None = None, allowed: Mapping[str, Iterable[str]] | None = None,
+                 pinned: Mapping[str, str] | None = None, min_bits: Mapping[str, int] | None = None
+                 ) -> Allocation:
+    """Minimise the objective with one option per layer and ``sum(column) + fixed <= limit`` per limit.
 
-    ``table`` has columns layer, option, score and the cost columns; ``limits`` maps cost columns to limits (inf or
-    absent = no limit); ``fixed`` adds costs outside the layers (kept-float parameters, the rest of the forward).
-    ``secondary`` (a cost column) breaks ties: the cheapest allocation whose score is within ``slack`` of the optimum.
+    ``table``: columns layer, option, score and the cost columns. ``limits``: cost column -> limit (inf or absent =
+    none); ``fixed``: costs outside the layers. ``objective``: a column or ``{column: weight}``. ``caps``: further
+    ``sum(column) <= cap`` rows (e.g. per-metric damage). ``allowed``/``pinned``/``min_bits`` restrict layers'
+    options. ``secondary`` breaks ties: the cheapest allocation within ``slack`` of the optimum.
     """
-    import pulp
-
-    limits = {c: float(v) for c, v in (limits or {}).items() if not math.isinf(float(v))}
-    fixed = dict(fixed or {})
-    check_table(table, {**limits, **({secondary: 0.0} if secondary else {})})
-    check_reachable(table, limits, fixed)
     t0 = time.perf_counter()
-
-    prob = pulp.LpProblem("mpq_bit_allocation", pulp.LpMinimize)
-    rows = list(table[["layer", "option"]].itertuples(index=False, name=None))
-    x = {key: prob.add_variable(f"x{i}", cat=pulp.LpBinary) for i, key in enumerate(rows)}
-    scores = dict(zip(rows, table["score"].astype(float)))
-    scale = max((abs(s) for s in scores.values()), default=1.0) or 1.0
-    objective = pulp.lpSum((scores[k] / scale) * x[k] for k in rows)
-    prob += objective
-    for i, (layer, group) in enumerate(table.groupby("layer", sort=False)):
-        prob += pulp.lpSum(x[(layer, o)] for o in group["option"]) == 1, f"one_option_{i}"
-    for col, lim in limits.items():
-        costs = dict(zip(rows, table[col].astype(float)))
-        prob += (pulp.lpSum((costs[k] / lim) * x[k] for k in rows) <= 1.0 - fixed.get(col, 0.0) / lim), f"limit_{col}"
-
-    status_name = pulp.LpStatus[prob.solve(_pulp_solver(backend, time_limit))]
-    best = None
-    if status_name == "Optimal" and secondary is not None:
-        best = sum(scores[k] for k in rows if (x[k].value() or 0) > 0.5)
-        prob += objective <= (best + slack) / scale + 1e-9, "score_within_slack"
-        costs2 = dict(zip(rows, table[secondary].astype(float)))
-        norm = max((abs(c) for c in costs2.values()), default=1.0) or 1.0
-        prob.setObjective(pulp.lpSum((costs2[k] / norm) * x[k] for k in rows))
-        status_name = pulp.LpStatus[prob.solve(_pulp_solver(backend, time_limit))]
-    seconds = time.perf_counter() - t0
-    if status_name != "Optimal":
-        smallest = smallest_reachable(table, fixed)
-        if status_name == "Infeasible":
-            given = ", ".join(f"{c} <= {v:.6g}" for c, v in limits.items())
-            reach = ", ".join(f"{c} >= {v:.6g}" for c, v in smallest.items() if c in limits)
-            raise BudgetError(f"no allocation meets all limits together ({given}); each alone can reach {reach}",
-                              smallest)
-        raise BudgetError(f"ILP solver ended with status {status_name!r} after {seconds:.2f}s", smallest)
-    choice = {}
-    for (layer, option), var in x.items():
-        if var.value() is not None and var.value() > 0.5:
-            choice[layer] = option
+    limits, caps, fixed = finite_limits(limits), finite_limits(caps), dict(fixed or {})
+    table = restrict(table, allowed, pinned, min_bits)
+    check_table(table, [*limits, *caps, *([secondary] if secondary else [])])
+    c = objective_values(table, objective)
+    check_reachable(table, {**limits, **caps}, fixed)
+    prog = BinaryProgram(table, backend, time_limit)
+    for col, lim in {**limits, **caps}.items():
+        prog.add_row(table[col].to_numpy(float), lim - fixed.get(col, 0.0))
+    try:
+        x = prog.solve(c)
+        best = float(c[x].sum())
+        if secondary is not None:
+            x = prog.solve(table[secondary].to_numpy(float), [(c, best + slack)])
+    except Infeasible:
+        smallest = smallest_reachable(table, fixed, [*limits, *caps])
+        given = ", ".join(f"{k} <= {v:.6g}" for k, v in {**limits, **caps}.items())
+        reach = ", ".join(f"{k} >= {v:.6g}" for k, v in smallest.items())
+        raise BudgetError(f"no allocation meets all limits together ({given}); each alone can reach {reach}",
+                          smallest) from None
+    choice = dict(zip(table.loc[x, "layer"], table.loc[x, "option"]))
     score, costs = totals_of(table, choice, fixed)
-    log.debug("ilp: %d layers, %d vars, score %.4g in %.3fs", len(choice), len(x), score, seconds)
+    seconds = time.perf_counter() - t0
+    log.debug("ilp(%s): %d layers, %d binaries, score %.4g in %.3fs", backend, len(choice), len(table), score, seconds)
     return Allocation(choice, score, costs, solver=f"ilp-{backend}", status="optimal",
-                      stats={"seconds": seconds, "variables": len(x), "constraints": prob.numConstraints(),
-                             "limits": dict(limits), "optimal_score": score if best is None else best,
+                      stats={"seconds": seconds, "variables": len(table), "constraints": len(prog.rows),
+                             "solves": prog.solves, "limits": limits, "caps": caps, "optimal_score": best,
+                             "objective": objective if isinstance(objective, str) else dict(objective),
                              "secondary": secondary, "slack": slack})

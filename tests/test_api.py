@@ -139,3 +139,27 @@ def test_search_restores_training_mode_and_needs_no_eval_fn(tmp_path):
     assert model.training and model[2].training
     assert result.row("chosen")["size_mb"] <= 0.5 * result.info["reference"]["size_mb"] + 1e-12
     assert math.isnan(result.measured["metric"])
+
+
+@pytest.mark.parametrize("solver", ["pareto", "greedy", "optuna"])
+def test_search_with_each_solver(solver, digits_task, tmp_path):
+    opts = {"n_trials": 30} if solver == "optuna" else {}
+    result = mpq.search(digits_task.model, digits_task.calib[:2], digits_task.eval_fn, budget="size=0.3",
+                        solver=solver, solver_options=opts, out=tmp_path, **{**QUICK, "frontier_points": 4})
+    assert result.info["solver"].startswith(solver)
+    assert result.row("chosen")["size_mb"] <= result.info["limits"]["size_mb"] + 1e-12
+    assert set(result.frontier["swept"]) >= {"size_mb", "latency_ms"}
+    if solver == "optuna":
+        assert (tmp_path / "optuna.sqlite").exists()
+        assert (result.frontier["swept"] == result.info["solver"]).any()
+
+
+def test_search_objective_over_decoupled_metrics(digits_task):
+    result = mpq.search(digits_task.model, digits_task.calib[:2], budget="size=0.3", sensitivity="decoupled",
+                        sensitivity_options={"backend": "inprocess"},
+                        solver_options={"objective": {"score_kl": 1.0, "score_loss": 1.0},
+                                        "caps": {"score_feature": 0.5}},
+                        **{k: v for k, v in QUICK.items() if k != "sensitivity_options"})
+    assert {"score_kl", "score_loss", "score_feature"} <= set(result.table.columns)
+    picked = result.table.set_index(["layer", "option"]).loc[[(l, b.name) for l, b in result.config.layers.items()]]
+    assert picked["score_feature"].sum() <= 0.5 + 1e-9

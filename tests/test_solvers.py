@@ -131,3 +131,195 @@ def test_tie_break_prefers_faster_equal_option():
     ])
     assert ilp_allocate(table, {"size_mb": 2}, secondary="latency_ms").choice == {"a": "fast"}
     assert ilp_allocate(table, {"size_mb": 2}, secondary="latency_ms", slack=0.6).choice == {"a": "fast_but_worse"}
+
+
+# --- issue 4: backends, objectives, caps, restrictions, exact frontiers, greedy, predictors, optuna -----------------
+from mpq.solvers import (exhaustive_frontier, frontier_3d, greedy_allocate, hull_frontier, optuna_allocate,  # noqa
+                         pareto_allocate, pareto_filter_nd, walk_frontier)
+
+
+def tied_table(rng, layers, options):
+    """Scores from a small set of values (ties within and across layers), costs from a small grid."""
+    rows = []
+    for l in range(layers):
+        for o in range(int(rng.integers(2, options + 1))):
+            rows.append({"layer": f"layer{l}", "option": f"w{8 - o}a16" if o else "float",
+                         "score": float(rng.choice([0.0, 0.5, 1.0, 1.5])) if o else 0.0,
+                         "aux": float(rng.choice([0.0, 1.0, 2.0])),
+                         "size_mb": float(rng.choice([1.0, 2.0, 3.0])) * (8 - o) / 8, "bops": 1e9 * (8 - o),
+                         "latency_ms": float(rng.choice([0.5, 1.0, 1.5]))})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("backend", ["cbc", "highs"])
+@pytest.mark.parametrize("seed", range(15))
+def test_backends_match_brute_force_with_ties_caps_and_restrictions(backend, seed):
+    rng = np.random.default_rng(1000 + seed)
+    table = tied_table(rng, int(rng.integers(2, 6)), 4)
+    layers = sorted(set(table["layer"]))
+    hi = float(table.groupby("layer")["size_mb"].max().sum())
+    kwargs = dict(limits={"size_mb": hi * float(rng.uniform(0.3, 1.0))},
+                  objective={"score": 1.0, "aux": float(rng.uniform(0, 1))},
+                  caps={"aux": float(rng.uniform(0, 2 * len(layers)))}, min_bits={layers[0]: 7},
+                  secondary="latency_ms", slack=float(rng.uniform(0, 0.5)))
+    try:
+        brute = exhaustive_allocate(table, **kwargs)
+    except (BudgetError, ConfigError):
+        with pytest.raises((BudgetError, ConfigError)):
+            ilp_allocate(table, backend=backend, **kwargs)
+        return
+    ilp = ilp_allocate(table, backend=backend, **kwargs)
+    assert ilp.stats["optimal_score"] == pytest.approx(brute.stats["optimal_score"], abs=1e-9)
+    assert ilp.costs["latency_ms"] == pytest.approx(brute.costs["latency_ms"], abs=1e-9)
+    assert ilp.choice[layers[0]] in ("float", "w8a16", "w7a16")  # min_bits honoured
+
+
+def test_restriction_that_empties_a_layer_names_it():
+    table = tied_table(np.random.default_rng(0), 3, 3)
+    with pytest.raises(ConfigError, match="layer 'layer1' has no option left"):
+        ilp_allocate(table, {"size_mb": 100}, allowed={"layer1": ["w2a16"]})
+
+
+def test_infeasible_caps_report_smallest():
+    table = tied_table(np.random.default_rng(1), 3, 3)
+    with pytest.raises(BudgetError) as e:
+        ilp_allocate(table, caps={"aux": -1.0})
+    assert "aux" in str(e.value) and "aux" in e.value.smallest
+
+
+def _staircase_ok(frontier, exact, resource, rel=1e-6):
+    """Every exhaustive frontier point is matched (within solver tolerance) by a point no costlier."""
+    for r in exact.itertuples():
+        cheaper = frontier[frontier[resource] <= getattr(r, resource) * (1 + 1e-9) + 1e-12]
+        assert len(cheaper) and cheaper["score"].min() <= r.score + rel * max(abs(r.score), 1.0), r
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_walk_frontier_is_the_exhaustive_frontier(seed):
+    rng = np.random.default_rng(seed)
+    table = random_table(rng, int(rng.integers(2, 6)), 4)
+    exact = exhaustive_frontier(table, "size_mb")
+    walk, complete = walk_frontier(table, "size_mb", max_points=1000)
+    assert complete and walk["exact"].all()
+    _staircase_ok(walk, exact, "size_mb")
+    _staircase_ok(exact, walk, "size_mb")  # and no walk point beats the true optimum
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_hull_points_lie_on_the_frontier(seed):
+    rng = np.random.default_rng(50 + seed)
+    table = random_table(rng, int(rng.integers(2, 6)), 4)
+    exact = exhaustive_frontier(table, "latency_ms")
+    hull = hull_frontier(table, "latency_ms", points=None)
+    for r in hull.itertuples():
+        best = exact[exact["latency_ms"] <= r.latency_ms * (1 + 1e-12) + 1e-12]["score"].min()
+        assert r.score == pytest.approx(best, rel=1e-9, abs=1e-12)
+    # the two ends: best score, and cheapest
+    assert hull["score"].min() == pytest.approx(exact["score"].min())
+    assert hull["latency_ms"].min() == pytest.approx(exact["latency_ms"].min())
+
+
+def test_pareto_solver_meets_budget_at_ilp_optimum():
+    table = random_table(np.random.default_rng(7), 5, 4)
+    hi = float(table.groupby("layer")["latency_ms"].max().sum())
+    limits = {"latency_ms": 0.6 * hi}
+    alloc = pareto_allocate(table, limits)
+    assert alloc.costs["latency_ms"] <= limits["latency_ms"] * (1 + 1e-9)
+    assert alloc.score == pytest.approx(exhaustive_allocate(table, limits).score, rel=1e-6, abs=1e-12)
+    assert alloc.frontier is not None and alloc.stats["complete"]
+
+
+def test_frontier_3d_is_non_dominated():
+    table = random_table(np.random.default_rng(9), 4, 3)
+    f3 = frontier_3d(table, points=6)
+    vals = f3[["score", "latency_ms", "size_mb"]].to_numpy()
+    for v in vals:
+        assert not np.any(np.all(vals <= v, 1) & np.any(vals < v, 1))
+    pts = pd.DataFrame({"a": [1, 2, 2, 3], "b": [3, 2, 2, 1], "c": [1, 1, 1, 5]})
+    assert len(pareto_filter_nd(pts, ["a", "b", "c"])) == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_is_feasible_and_not_better_than_ilp(seed):
+    rng = np.random.default_rng(seed)
+    table = random_table(rng, int(rng.integers(3, 7)), 4)
+    hi = float(table.groupby("layer")["size_mb"].max().sum())
+    lo = float(table.groupby("layer")["size_mb"].min().sum())
+    limits = {"size_mb": lo + 0.4 * (hi - lo)}
+    g = greedy_allocate(table, limits)
+    assert g.costs["size_mb"] <= limits["size_mb"] * (1 + 1e-9)
+    assert g.score >= ilp_allocate(table, limits).score - 1e-9
+
+
+def _latency_data(n, seed=0):
+    """Configs whose 'measured' latency is the additive sum times a penalty per format switch."""
+    from mpq.solvers.predictors import _format
+
+    rng = np.random.default_rng(seed)
+    layers = [f"l{i}" for i in range(6)]
+    opts = ["float", "w8a8", "w8a16", "w4a16g32"]
+    table = pd.DataFrame([{"layer": l, "option": o, "score": 0.0, "latency_ms": float(rng.uniform(0.1, 1))}
+                          for l in layers for o in opts])
+    lat = dict(zip(zip(table.layer, table.option), table.latency_ms))
+    choices, measured = [], []
+    for _ in range(n):
+        c = {l: opts[rng.integers(len(opts))] for l in layers}
+        switches = sum(_format(c[a]) != _format(c[b]) for a, b in zip(layers, layers[1:]))
+        choices.append(c)
+        measured.append(sum(lat[(l, c[l])] for l in layers) * (1 + 0.15 * switches) * rng.uniform(0.99, 1.01))
+    return layers, opts, table, choices, np.array(measured)
+
+
+def test_latency_predictor_learns_what_the_table_misses(tmp_path):
+    pytest.importorskip("xgboost")
+    from mpq.solvers.predictors import LatencyPredictor, mape
+
+    layers, opts, table, choices, measured = _latency_data(400)
+    pred = LatencyPredictor(layers, opts).fit(table, choices[:300], measured[:300])
+    test_c, test_m = choices[300:], measured[300:]
+    additive = pred._additive(table, test_c)
+    assert mape(pred.predict(table, test_c), test_m) < 0.5 * mape(additive, test_m)
+    pred.save(tmp_path / "p")
+    again = LatencyPredictor.load(tmp_path / "p")
+    assert np.allclose(again.predict(table, test_c), pred.predict(table, test_c))
+
+
+def test_accuracy_predictor_round_trip(tmp_path):
+    pytest.importorskip("xgboost")
+    from mpq.solvers.predictors import AccuracyPredictor
+
+    rng = np.random.default_rng(0)
+    layers = [f"blocks.{i}.fc" for i in range(4)]
+    opts = ["float", "w8a8", "w4a16g32"]
+    table = pd.DataFrame([{"layer": l, "option": o, "score": float(rng.uniform(0, 1)) * (o != "float"),
+                           "score_kl": float(rng.uniform(0, 1)) * (o != "float")} for l in layers for o in opts])
+    sc = dict(zip(zip(table.layer, table.option), table.score))
+    choices = [{l: opts[rng.integers(3)] for l in layers} for _ in range(200)]
+    metric = np.array([sum(sc[(l, c[l])] for l in layers) ** 1.5 for c in choices])
+    pred = AccuracyPredictor(layers, opts, ["score", "score_kl"]).fit(table, choices[:150], metric[:150])
+    err = np.abs(pred.predict(table, choices[150:]) - metric[150:]).mean()
+    assert err < 0.3 * np.abs(metric[150:] - metric[150:].mean()).mean()
+    pred.save(tmp_path / "a")
+    again = AccuracyPredictor.load(tmp_path / "a")
+    assert again.score_columns == ["score", "score_kl"]
+    assert np.allclose(again.predict(table, choices[150:]), pred.predict(table, choices[150:]))
+
+
+def test_optuna_resumes_without_repeating_trials(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    table = random_table(np.random.default_rng(3), 5, 4)
+    hi = float(table.groupby("layer")["size_mb"].max().sum())
+    limits = {"size_mb": 0.7 * hi}
+    storage = tmp_path / "study.sqlite"
+    warm = ilp_allocate(table, limits).choice
+    first = optuna_allocate(table, limits, n_trials=12, storage=storage, warm_start=[warm])
+    assert first.stats["trials"] == 12 and not first.stats["resumed"]
+    study = optuna.load_study(study_name="mpq", storage=f"sqlite:///{storage}")
+    before = [(t.number, t.params) for t in study.trials]
+    assert before[0][1] == warm  # the ILP solution was tried first
+    second = optuna_allocate(table, limits, n_trials=25, storage=storage)
+    assert second.stats["resumed"] and second.stats["new_trials"] == 13 and second.stats["trials"] == 25
+    after = optuna.load_study(study_name="mpq", storage=f"sqlite:///{storage}").trials
+    assert [(t.number, t.params) for t in after[:12]] == before
+    assert second.costs["size_mb"] <= limits["size_mb"] * (1 + 1e-9)
+    assert second.score >= ilp_allocate(table, limits).score - 1e-9
