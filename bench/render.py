@@ -79,6 +79,54 @@ def hutchinson_section(results: list[dict]) -> list[str]:
     return out
 
 
+def solvers_section(scale: dict | None, quality: dict | None, latency: dict | None) -> list[str]:
+    out = ["## Solvers (`bench/solvers.py`)", ""]
+    if scale:
+        out += [_env(scale), "", "Synthetic: 1,000 layers x 8 options, sizes over three decades, error ~ 4^-bits, "
+                "log-normal curvature; limits on size, BOPs and latency together.", "",
+                "| what | seconds | note |", "|---|---|---|",
+                f"| ILP, CBC (PuLP) | {scale['ilp_cbc_seconds']:.2f} | model build + CBC; score "
+                f"{scale['ilp_cbc_score']:.8g} |",
+                f"| ILP, HiGHS (SciPy) | {scale['ilp_highs_seconds']:.2f} | score {scale['ilp_highs_score']:.8g} |",
+                f"| exact 50-point frontier (hull) | {scale['frontier_hull_50_seconds']:.2f} | "
+                f"{scale['frontier_hull_exact']} of {scale['frontier_hull_points']} points proven exact |",
+                f"| frontier walk, 100 layers, first 50 points | {scale['walk_100_layers_50_points_seconds']:.2f} | "
+                f"complete: {scale['walk_complete']} |", ""]
+    if quality:
+        out += ["### Quality at three size budgets (held-out loss increase; lower is better)", "",
+                _env(quality), "", "CPU kernel space; `decoupled` scores; Optuna(+XGBoost) minimises an accuracy "
+                "predictor trained on 120 random configs measured on the calibration data; `random p90` is the "
+                "90th-percentile (by quality) of 100 random configs within the budget.", "",
+                "| model | budget (of float size) | ILP | Pareto | greedy | Optuna+XGBoost | uniform | random p90 | "
+                "random median |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in quality["results"]:
+            u = r.get("uniform", {})
+            out.append(f"| {r['model']} | {r['budget_size_fraction']:.2f} | "
+                       + " | ".join(f"{r[k]['heldout_loss_increase']:.4g}" for k in ("ilp", "pareto", "greedy",
+                                                                                      "optuna+xgboost"))
+                       + f" | {u.get('heldout_loss_increase', float('nan')):.4g} ({u.get('option', '-')}) | "
+                       f"{r['random']['p90_best']:.4g} | {r['random']['median']:.4g} |")
+        out.append("")
+    if latency:
+        out += ["### Latency predictor (median absolute percentage error on held-out measured configs)", "",
+                _env(latency), "", "| model | configs (train/test) | retest noise | additive table | "
+                "XGBoost, totals | XGBoost, per layer |", "|---|---|---|---|---|---|"]
+        for r in latency["results"]:
+            out.append(f"| {r['model']} | {r['train']}/{r['test']} | {r['mape_retest_pct']:.1f}% | "
+                       f"{r['mape_additive_pct']:.1f}% | {r['mape_xgboost_totals_pct']:.1f}% | "
+                       f"{r['mape_xgboost_per_layer_pct']:.1f}% |")
+        out.append("")
+    return out
+
+
+def dashboard_section(d: dict) -> list[str]:
+    return ["## Dashboard rendering (`bench/dashboard_bench.py`)", "", _env(d), "",
+            f"{d['layers']} layers, {d['points_per_sweep']} frontier points per sweep: page {d['html_mb']:.1f} MB, "
+            f"built in {d['build_seconds']:.2f} s; in headless Chromium the {d['figures']} figures render in "
+            f"{d['render_ms_in_page']:.0f} ms (measured by the page), {d['browser_wall_seconds']:.1f} s wall "
+            f"including the browser's start; JavaScript errors: {d['errors'] or 'none'}.", ""]
+
+
 def _num(v) -> str:
     return "" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -92,6 +140,12 @@ def main() -> None:
         path = RESULTS / name
         if path.exists():
             parts += fn(json.loads(path.read_text()))
+    load = lambda n: json.loads((RESULTS / n).read_text()) if (RESULTS / n).exists() else None  # noqa: E731
+    if any(load(f"solvers_{p}.json") for p in ("scale", "quality", "latency")):
+        parts += solvers_section(load("solvers_scale.json"), load("solvers_quality.json"),
+                                 load("solvers_latency.json"))
+    if load("dashboard_render.json"):
+        parts += dashboard_section(load("dashboard_render.json"))
     groups = {"sensitivity_*.json": sensitivity_section, "hutchinson_*.json": hutchinson_section}
     for pattern, fn in groups.items():
         found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]

@@ -1,8 +1,9 @@
-"""Plotly dashboards of a run directory (standalone HTML, works offline).
+"""Plotly dashboards of run directories (standalone HTML, works offline), reading only the run directory.
 
-Each view is two functions: one extracts plain data from the run directory (testable without Plotly), one draws it.
+Each view is two functions: one in :mod:`mpq.dashboards.views` extracts plain data (testable without Plotly), one
+in :mod:`mpq.dashboards.figures` draws it; :mod:`mpq.dashboards.page` assembles the page.
 """
 
-from mpq.dashboards.frontier import build_dashboard_html, dashboard_data, draw_dashboard, write_dashboard
+from mpq.dashboards.page import build_dashboard_html, dashboard_data, figures_in, write_dashboard
 
-__all__ = ["dashboard_data", "draw_dashboard", "build_dashboard_html", "write_dashboard"]
+__all__ = ["dashboard_data", "build_dashboard_html", "write_dashboard", "figures_in"]

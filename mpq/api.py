@@ -261,8 +261,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         candidates = {"float": {n: FLOAT.name for n in space.layers}, "chosen": dict(allocation.choice)}
         candidates["uniform_int8"] = uniform_choice(space, INT8_PREFERENCE)
         candidates["uniform_int4"] = uniform_choice(space, INT4_PREFERENCE, fallback=candidates["uniform_int8"])
-        summary = _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, costs.fixed,
-                            evaluate_frontier, threads, warmup, repeats, progress)
+        summary, in_model = _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table,
+                                      costs.fixed, evaluate_frontier, threads, warmup, repeats, progress)
         stages["evaluate"] = time.perf_counter() - t0
 
     chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
@@ -289,6 +289,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
     }
     layers = _layer_table(inventory, space, table, allocation.choice, sens)
+    layers.insert(layers.columns.get_loc("latency_ms") + 1, "latency_in_model_ms", layers["layer"].map(in_model))
     result = SearchResult(config, frontier, layers, table, summary, info, latency, sens, inventory)
     if out is not None:
         from mpq.artifacts import write_run
@@ -406,12 +407,13 @@ def _cost_stage(model, inventory, space, example, dev, profile, address, cache, 
 
 def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, fixed, evaluate_frontier,
               threads, warmup, repeats, progress) -> pd.DataFrame:
-    """Fake-quant metric along the frontier; each candidate applied on the real kernels, timed and evaluated."""
+    """Fake-quant metric along the frontier; each candidate applied on the real kernels, timed and evaluated; the
+    chosen config's layers also timed in place (returned beside the summary)."""
     from tqdm.auto import tqdm
 
     from mpq.fakequant import fake_quantize
     from mpq.solvers import totals_of
-    from mpq.workers import time_models
+    from mpq.workers import time_layers_in_model, time_models
 
     fq_cache: dict[str, float] = {}
 
@@ -427,6 +429,7 @@ def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, tab
     applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory)
                for name, choice in candidates.items()}
     measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev)
+    in_model = time_layers_in_model(applied["chosen"], inventory.names, example, repeats, warmup, threads, dev)
     rows = []
     for name, choice in candidates.items():
         score, totals = totals_of(table, choice, fixed)
@@ -437,7 +440,7 @@ def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, tab
                      "metric_fakequant": real if name == "float" else fakequant_metric(choice), "metric_real": real,
                      "histogram": json.dumps(_config_of(choice).histogram()),
                      "choice": json.dumps(dict(sorted(choice.items())))})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), in_model
 
 
 def _layer_table(inventory: LayerInventory, space: SearchSpace, table: pd.DataFrame, choice: Mapping[str, str],

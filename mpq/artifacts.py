@@ -68,10 +68,12 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not an mpq run directory: it has no {RUN_FILE}")
     run = json.loads(path.read_text())
-    for name in ("summary", "layers", "frontier", "costs", "kept_float", "latency"):
+    for name in ("summary", "layers", "frontier", "costs", "kept_float", "latency", "estimators",
+                 "estimator_options", "estimator_configs"):
         p = run_dir / f"{name}.csv"
         try:
-            run[f"{name}_table"] = pd.read_csv(p) if p.exists() else pd.DataFrame()
+            run[f"{name}_table"] = pd.read_csv(p) if p.exists() else None if name.startswith("estimator") \
+                else pd.DataFrame()
         except pd.errors.EmptyDataError:
             run[f"{name}_table"] = pd.DataFrame()
     run["run_dir"] = str(run_dir)

@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, help="config.json of a run")
     a.add_argument("--out", default=None, help="save the quantized state dict (weights_only-loadable)")
 
-    d = sub.add_parser("dashboard", help="write (and optionally open) a run's dashboard.html")
-    d.add_argument("run", help="run directory")
+    d = sub.add_parser("dashboard", help="write (and optionally open) a run's dashboard.html; several runs compare")
+    d.add_argument("run", nargs="+", help="run directory (several: one dashboard comparing them; give --out)")
     d.add_argument("--out", default=None)
     d.add_argument("--open", action="store_true", help="open it in a browser")
 
@@ -205,7 +205,8 @@ def cmd_sensitivity_report(args) -> int:
 def cmd_dashboard(args) -> int:
     from mpq.dashboards import write_dashboard
 
-    path = write_dashboard(args.run, args.out)
+    out = args.out or ("dashboard-compare.html" if len(args.run) > 1 else None)
+    path = write_dashboard(args.run, out)
     print(path)
     if args.open:
         import webbrowser

@@ -236,24 +236,18 @@ def pareto_allocate(table: pd.DataFrame, limits: Mapping[str, float] | None = No
                     objective: str | Mapping[str, float] = "score", secondary: str | None = None,
                     slack: float = 0.0, allowed=None, pinned=None, min_bits=None, **_) -> Allocation:
     """The solver form: the exact frontier of the budget's main resource (latency, else size, else BOPs) within the
-    other limits, and its best point that meets the budget (attached as ``.frontier``)."""
+    other limits (attached as ``.frontier``), and on it the exact optimum at the budget itself, which is chosen
+    (the frontier's own points may straddle the budget)."""
     t0 = time.perf_counter()
     limits, fixed = finite_limits(limits), dict(fixed or {})
     table = restrict(table, allowed, pinned, min_bits)
     resource = next((r for r in ("latency_ms", "size_mb", "bops") if r in limits), "size_mb")
     frontier, complete = pareto_frontier(table, resource, fixed, limits, points, objective, backend)
-    meets = frontier[np.all([frontier[c] <= v * (1 + 1e-9) for c, v in limits.items()], axis=0)] \
-        if limits else frontier
-    if meets.empty:
-        # the frontier's points skipped the budget: solve it exactly
-        alloc = ilp_allocate(table, limits, fixed, backend=backend, objective=objective, secondary=secondary,
+    at_budget = ilp_allocate(table, limits, fixed, backend=backend, objective=objective, secondary=secondary,
                              slack=slack)
-        frontier = pd.concat([frontier, _frame([_row(table, alloc.choice, fixed, resource, limits.get(resource),
-                                                     True, "ilp")])], ignore_index=True)
-        chosen = alloc.choice
-    else:
-        best = meets.sort_values(["score", resource]).iloc[0]
-        chosen = json.loads(best["choice"])
+    chosen = dict(at_budget.choice)
+    frontier = pd.concat([frontier, _frame([_row(table, chosen, fixed, resource, limits.get(resource), True,
+                                                 "ilp-at-budget")])], ignore_index=True).drop_duplicates("choice")
     score, costs = totals_of(table, chosen, fixed)
     return Allocation(chosen, score, costs, solver=f"pareto-{backend}",
                       stats={"seconds": time.perf_counter() - t0, "resource": resource, "points": len(frontier),

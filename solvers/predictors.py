@@ -71,6 +71,10 @@ class _Predictor:
         self.model.fit(self.features(table, choices), self._target(table, choices, list(measured)))
         return self
 
+    def _extra(self) -> dict:
+        """Constructor arguments beyond layers/options/params, saved in the header."""
+        return {}
+
     def predict(self, table: pd.DataFrame, choices: Sequence[Mapping[str, str]]) -> np.ndarray:
         if self.model is None:
             raise ConfigError(f"{type(self).__name__} is not trained: call fit() or load()")
@@ -82,7 +86,7 @@ class _Predictor:
         self.model.save_model(directory / f"{self.kind}.xgb.json")
         (directory / f"{self.kind}.json").write_text(json.dumps(
             {"format": FORMAT, "version": 1, "kind": self.kind, "layers": self.layers, "options": self.options,
-             "params": self.params}, indent=2))
+             "params": self.params, **self._extra()}, indent=2))
         return directory
 
     @classmethod
@@ -91,16 +95,27 @@ class _Predictor:
         head = json.loads((directory / f"{cls.kind}.json").read_text())
         if head.get("format") != FORMAT or head.get("kind") != cls.kind:
             raise ConfigError(f"{directory} holds no {cls.kind} predictor")
-        inst = cls(head["layers"], head["options"], **head["params"])
+        inst = cls(head["layers"], head["options"], **head.get("extra", {}), **head["params"])
         inst.model = _xgboost().XGBRegressor()
         inst.model.load_model(directory / f"{cls.kind}.xgb.json")
         return inst
 
 
 class LatencyPredictor(_Predictor):
-    """Whole-config latency from per-layer features; learns the measured / additive ratio."""
+    """Whole-config latency from per-layer features; learns the measured / additive ratio.
+
+    ``per_layer=False`` keeps only config totals (table sum, format switches and the table latency of the layers
+    right after one, option and format counts): far fewer features, for small training sets.
+    """
 
     kind = "latency"
+
+    def __init__(self, layers, options, per_layer: bool = True, **params):
+        super().__init__(layers, options, **params)
+        self.per_layer = per_layer
+
+    def _extra(self) -> dict:
+        return {"extra": {"per_layer": self.per_layer}}
 
     def _additive(self, table, choices) -> np.ndarray:
         lat = dict(zip(zip(table["layer"], table["option"]), table["latency_ms"].astype(float)))
@@ -110,16 +125,18 @@ class LatencyPredictor(_Predictor):
         lat = dict(zip(zip(table["layer"], table["option"]), table["latency_ms"].astype(float)))
         rows = []
         for c in choices:
-            per, prev, switches = [], "float", 0
+            per, prev, switches, after_switch = [], "float", 0, 0.0
             for l in self.layers:
                 b = LayerBits.parse(c[l])
                 fmt = _format(c[l])
                 switch = float(fmt != prev)
                 switches += int(switch)
+                after_switch += switch * lat[(l, c[l])]
                 per += [lat[(l, c[l])], b.w_bits or 32, b.a_bits or 32, b.group_size or 0, switch]
                 prev = fmt
             counts = [sum(1 for l in self.layers if c[l] == o) for o in self.options]
-            rows.append([sum(lat[(l, c[l])] for l in self.layers), switches, *counts, *per])
+            totals = [sum(lat[(l, c[l])] for l in self.layers), switches, after_switch, *counts]
+            rows.append(totals + (per if self.per_layer else []))
         return np.asarray(rows, float)
 
     def _target(self, table, choices, measured):
@@ -152,23 +169,8 @@ class AccuracyPredictor(_Predictor):
             rows.append([*sums, *hist, *blocks.values()])
         return np.asarray(rows, float)
 
-    def save(self, directory):
-        out = super().save(directory)
-        head = json.loads((out / f"{self.kind}.json").read_text())
-        head["score_columns"] = self.score_columns
-        (out / f"{self.kind}.json").write_text(json.dumps(head, indent=2))
-        return out
-
-    @classmethod
-    def load(cls, directory):
-        directory = Path(directory)
-        head = json.loads((directory / f"{cls.kind}.json").read_text())
-        if head.get("format") != FORMAT or head.get("kind") != cls.kind:
-            raise ConfigError(f"{directory} holds no {cls.kind} predictor")
-        inst = cls(head["layers"], head["options"], head.get("score_columns", ["score"]), **head["params"])
-        inst.model = _xgboost().XGBRegressor()
-        inst.model.load_model(directory / f"{cls.kind}.xgb.json")
-        return inst
+    def _extra(self) -> dict:
+        return {"extra": {"score_columns": self.score_columns}}
 
 
 def mape(predicted: Iterable[float], measured: Iterable[float]) -> float:

@@ -82,20 +82,16 @@ def test_dashboard_holds_the_data(digits_run):
     html = (out / "dashboard.html").read_text()
     # plotly.js is embedded (no <script src=...>), so the page works offline
     assert re.findall(r"<script[^>]*\ssrc=", html) == [] and len(html) > 1_000_000
-    from mpq.dashboards import dashboard_data, draw_dashboard
+    from mpq.dashboards import figures_in
 
-    data = dashboard_data(out)
-    fig = draw_dashboard(data).to_plotly_json()
-    frontier_traces = [t for t in fig["data"] if t.get("name") == "frontier (ILP)"]
-    assert len(frontier_traces) == 2
+    figs = figures_in(html)
+    lines = [t for t in figs["frontier"]["data"] if t.get("mode") == "lines+markers"]
     f = result.frontier
-    assert list(frontier_traces[0]["x"]) == pytest.approx(sorted(f.loc[f.swept == "latency_ms", "latency_ms"]))
-    assert list(frontier_traces[1]["x"]) == pytest.approx(sorted(f.loc[f.swept == "size_mb", "size_mb"]))
-    chosen = [t for t in fig["data"] if t.get("name") == "chosen (mixed)"]
-    assert chosen[0]["x"][0] == pytest.approx(result.row("chosen")["latency_predicted_ms"])
-    bars = [t for t in fig["data"] if t.get("type") == "bar"][0]
-    assert list(bars["x"]) == list(result.layers["layer"])
-    assert list(bars["text"]) == list(result.layers["option"])
+    by_name = {t["name"]: t for t in lines}
+    assert sorted(by_name["frontier (latency_ms)"]["x"]) == pytest.approx(sorted(f.loc[f.swept == "latency_ms",
+                                                                                        "latency_ms"]))
+    bars = figs["bits"]["data"][0]
+    assert list(bars["y"]) == list(result.layers["layer"]) and list(bars["text"]) == list(result.layers["option"])
 
 
 def test_resume_reuses_sensitivity(digits_task, digits_run):
@@ -163,3 +159,11 @@ def test_search_objective_over_decoupled_metrics(digits_task):
     assert {"score_kl", "score_loss", "score_feature"} <= set(result.table.columns)
     picked = result.table.set_index(["layer", "option"]).loc[[(l, b.name) for l, b in result.config.layers.items()]]
     assert picked["score_feature"].sum() <= 0.5 + 1e-9
+
+
+def test_char_lm_pareto_solver(lm_task, tmp_path):
+    result = mpq.search(lm_task.model, lm_task.calib[:1], lm_task.eval_fn, budget="size=0.3", solver="pareto",
+                        out=tmp_path, metric="perplexity", higher_is_better=False, **QUICK)
+    assert result.info["solver"].startswith("pareto")
+    assert (result.frontier["swept"] == result.info["solver"]).any()
+    assert result.row("chosen")["size_mb"] <= result.info["limits"]["size_mb"] + 1e-12

@@ -93,3 +93,11 @@ def test_sensitivity_report(tmp_path):
                    "--estimators", "lrp,entropy", "--configs", "8")
     assert "tau_config" in proc.stdout and "lrp" in proc.stdout
     assert (tmp_path / "est" / "estimators.csv").exists() and (tmp_path / "est" / "estimators.html").exists()
+
+
+def test_search_with_pareto_solver(tmp_path):
+    out = tmp_path / "p"
+    mpq_cli("-q", "search", "--model", "digits-cnn", "--budget", "size=0.3", "--out", str(out), "--profile",
+            "inprocess", "--repeats", "3", "--frontier-points", "4", "--solver", "pareto")
+    run = json.loads((out / "run.json").read_text())
+    assert run["solver"].startswith("pareto") and (out / "frontier.csv").exists()

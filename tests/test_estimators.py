@@ -132,7 +132,7 @@ def test_decoupled_groups(digits_setup):
     res = get_estimator("decoupled", backend="inprocess").run(model, calib, space, inv, progress=False)
     groups = res.layer_stats.set_index("layer")["metric"]
     assert set(groups) <= {"loss", "kl", "feature"}
-    for metric, layers in groups.groupby(groups):
+    for _, layers in groups.groupby(groups):
         rows = res.scores[res.scores["layer"].isin(layers.index)]
         assert rows["raw_score"].max() == pytest.approx(1.0)  # each group's largest is 1
     # the last layer cannot distort the features it reads
@@ -183,7 +183,7 @@ def test_top_eigenvalue_matches_exact():
     x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
     calib = CalibrationSet([(x, y)])
     lam = top_eigenvalues(model, calib, ["0", "2"], iters=200, tol=1e-9)
-    for name, idx in (("0", 0), ("2", 2)):
+    for name in ("0", "2"):
         params = dict(model.named_parameters())
         w0 = params[f"{name}.weight"].detach()
 

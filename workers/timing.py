@@ -143,3 +143,43 @@ def time_rest_of_model(model: torch.nn.Module, layer_names: list[str], inputs: A
     for n in layer_names:
         set_submodule(stub, n, _RecordedOutput(recorded[n]))
     return time_model(stub, inputs, warmup, repeats, min_sample_ms, threads, device)
+
+
+def time_layers_in_model(model: torch.nn.Module, names: list[str], inputs: Any, repeats: int = 20,
+                         warmup: int = 3, threads: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """Median time of each named submodule inside whole forward passes (hooks around each call): what the layers
+    cost in place, next to the profile table's isolated measurements."""
+    from mpq.layers import call_model
+
+    starts: dict[str, float] = {}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    current: dict[str, float] = {}
+
+    def pre(name):
+        def fn(mod, args):
+            _sync(device)
+            starts[name] = time.perf_counter()
+        return fn
+
+    def post(name):
+        def fn(mod, args, out):
+            _sync(device)
+            current[name] = current.get(name, 0.0) + time.perf_counter() - starts[name]
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [h for n in names for h in (modules[n].register_forward_pre_hook(pre(n)),
+                                          modules[n].register_forward_hook(post(n)))]
+    try:
+        with num_threads(threads), torch.inference_mode():
+            model.eval()
+            for i in range(warmup + repeats):
+                current.clear()
+                call_model(model, inputs)
+                if i >= warmup:
+                    for n in names:
+                        samples[n].append(current.get(n, 0.0) * 1e3)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: statistics.median(s) for n, s in samples.items()}
