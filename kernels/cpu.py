@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from mpq.config import LayerBits
-from mpq.kernels.gemm import QuantGemm, gemm_supported, pad_to, resolve_padding, round_up
+from mpq.kernels.gemm import QuantGemm, WeightStandIn, gemm_supported, pad_to, resolve_padding, round_up
 from mpq.layers import LayerInfo
-from mpq.quant import ActQuantSpec, QuantScheme, WeightQuantSpec, act_qparams, quantize_activation, quantize_weight
+from mpq.quant import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec, act_qparams, quantize_activation
 from mpq.registry import Kernel, register_kernel
 
 
@@ -104,7 +104,7 @@ class Int8DynamicGemm(PackedOnce, QuantGemm):
         return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed(), self.reduce_range)
 
 
-class Int8DynamicConv(PackedOnce, nn.Module):
+class Int8DynamicConv(PackedOnce, WeightStandIn, nn.Module):
     """W8A8 convolution on oneDNN: activations quantized per call (per tensor, uint8), int8 weights packed once."""
 
     def __init__(self, layer: LayerInfo, qweight: Tensor, scale: Tensor, bias: Tensor | None, act: ActQuantSpec):
@@ -193,6 +193,8 @@ class CpuInt8Dynamic(Kernel):
         return _fbgemm_available()
 
     def options(self, layer: LayerInfo) -> list[LayerBits]:
+        if layer.kind == "embedding":
+            return []
         if layer.kind == "linear":
             return [LayerBits(8, 8)]
         return [LayerBits(8, 8)] if _onednn_conv_available() and resolve_padding(layer) is not None else []
@@ -202,12 +204,11 @@ class CpuInt8Dynamic(Kernel):
             WeightQuantSpec(8, symmetric=True, group_size=None, scale_dtype="float32"),
             ActQuantSpec(8, "int", "tensor", dynamic=True, symmetric=False, reduce_range=not cpu_has_vnni()))
 
-    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits) -> nn.Module:
+    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits, qweight: QuantizedWeight) -> nn.Module:
         scheme = self.scheme(bits)
-        qw = quantize_weight(module.weight, scheme.weight)
         if layer.kind == "linear":
-            return Int8DynamicGemm(layer, qw.q, qw.scale, module.bias, scheme.act.reduce_range)
-        return Int8DynamicConv(layer, qw.q.reshape(module.weight.shape), qw.scale, module.bias, scheme.act)
+            return Int8DynamicGemm(layer, qweight.q, qweight.scale, module.bias, scheme.act.reduce_range)
+        return Int8DynamicConv(layer, qweight.q.reshape(layer.weight_shape), qweight.scale, module.bias, scheme.act)
 
 
 @register_kernel
@@ -226,9 +227,8 @@ class CpuInt8WeightOnly(Kernel):
         return QuantScheme(WeightQuantSpec(8, symmetric=True, group_size=None, scale_dtype="bfloat16"),
                            ActQuantSpec(16, "bfloat16"), out_dtype="bfloat16")
 
-    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits) -> nn.Module:
-        qw = quantize_weight(module.weight, self.scheme(bits).weight)
-        return Int8WeightOnlyGemm(layer, qw.q, qw.scale, module.bias)
+    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits, qweight: QuantizedWeight) -> nn.Module:
+        return Int8WeightOnlyGemm(layer, qweight.q, qweight.scale, module.bias)
 
     def weight_bytes(self, layer: LayerInfo, bits: LayerBits) -> int:
         bias = layer.n * 4 if layer.has_bias else 0
@@ -255,9 +255,8 @@ class CpuInt4WeightOnly(Kernel):
         return QuantScheme(WeightQuantSpec(4, symmetric=False, group_size=bits.group_size, scale_dtype="bfloat16"),
                            ActQuantSpec(16, "bfloat16"), out_dtype="bfloat16")
 
-    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits) -> nn.Module:
-        qw = quantize_weight(module.weight, self.scheme(bits).weight)
-        return Int4WeightOnlyGemm(layer, qw.q, qw.scale, qw.zero, bits.group_size, module.bias)
+    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits, qweight: QuantizedWeight) -> nn.Module:
+        return Int4WeightOnlyGemm(layer, qweight.q, qweight.scale, qweight.zero, bits.group_size, module.bias)
 
     def weight_bytes(self, layer: LayerInfo, bits: LayerBits) -> int:
         n_pad = round_up(layer.n, Int4WeightOnlyGemm.N_ALIGN)

@@ -38,12 +38,23 @@ def resolve_padding(layer: LayerInfo) -> tuple[int, ...] | None:
 
 def gemm_supported(layer: LayerInfo) -> bool:
     """Whether a layer maps to one dense GEMM (grouped/depthwise convs do not)."""
-    if layer.kind == "linear":
-        return True
+    if layer.kind in ("linear", "embedding"):
+        return layer.kind == "linear"
     return layer.groups == 1 and resolve_padding(layer) is not None
 
 
-class QuantGemm(nn.Module):
+class WeightStandIn:
+    """``module.weight`` of a quantized module: an empty float32 tensor on the module's device. Model code often
+    reads ``layer.weight.dtype`` or ``.device`` to cast its inputs (Hugging Face ViT does); the real weight is packed
+    in the module's buffers, so this stand-in answers those questions and holds no data."""
+
+    @property
+    def weight(self) -> Tensor:
+        device = next((b.device for b in self.buffers()), torch.device("cpu"))
+        return torch.empty(0, device=device)
+
+
+class QuantGemm(WeightStandIn, nn.Module):
     """Base of the quantized modules: reshapes the input to a GEMM, calls :meth:`gemm`, reshapes back.
 
     ``input_dtype`` casts the input before im2col, so the (larger) unfolded matrix is built in the kernel's own

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,6 +27,7 @@ from mpq.config import FLOAT, BitConfig, LayerBits
 from mpq.costs import MB, Reference, build_cost_table, fixed_costs, float_reference
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers, first_tensor, set_submodule
+from mpq.quantizers import Quantizer, get_quantizer
 from mpq.registry import kernel_for, normalize_device
 from mpq.space import SearchSpace, build_search_space, validate_config
 
@@ -40,29 +41,53 @@ INT4_PREFERENCE = ("w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w4a8")  # unif
 # apply
 # --------------------------------------------------------------------------------------------------------------------
 def apply(model: nn.Module, bit_config: BitConfig | str | Path, device: str = "cpu",
-          inventory: LayerInventory | None = None) -> nn.Module:
+          inventory: LayerInventory | None = None, quantizer: str | Quantizer | None = None,
+          calib_data: Any = None) -> nn.Module:
     """Swap every quantized layer of ``bit_config`` for its kernel's module on ``device``; float layers stay.
 
     Changes ``model`` in place and returns it. The config is validated first: a missing layer or bits that no kernel
     of ``device`` runs raise a :class:`~mpq.errors.ConfigError` naming the layer and the allowed options.
+    ``quantizer`` chooses the integers (``"minmax"``, ``"mse"``, ``"gptq"`` or an instance); by default the one the
+    search recorded in the config's metadata. GPTQ needs ``calib_data`` (unless given an already prepared instance),
+    whose inputs reach every layer before any layer is swapped.
     """
     config = bit_config if isinstance(bit_config, BitConfig) else BitConfig.load(bit_config)
     dev = normalize_device(device)
     inv = inventory or discover_layers(model)
     validate_config(config, model, dev, inventory=inv)
+    quant = prepared_quantizer(quantizer if quantizer is not None else config.meta.get("quantizer"), model,
+                               calib_data, inv)
     for name, bits in config.quantized().items():
         layer = inv[name]
-        quantized = kernel_for(layer, bits, dev).convert(model.get_submodule(name), layer, bits)
+        quantized = kernel_for(layer, bits, dev).quantize_module(model.get_submodule(name), layer, bits, quant)
         set_submodule(model, name, quantized.to(device))
     model.eval()
     return model
+
+
+def prepared_quantizer(spec: str | Mapping[str, Any] | Quantizer | None, model: nn.Module, calib_data: Any,
+                       inventory: LayerInventory) -> Quantizer:
+    """The quantizer named by ``spec`` (a name, recorded settings ``{"name": ..., **options}``, or an instance),
+    prepared on ``calib_data`` when it needs calibration and has none yet."""
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        quant = get_quantizer(options.pop("name", None), **options)
+    else:
+        quant = get_quantizer(spec)
+    if quant.needs_calibration and not quant.prepared:
+        if calib_data is None:
+            raise ConfigError(f"quantizer {quant.name!r} rounds with calibration inputs: pass calib_data (the "
+                              f"search's calibration batches), or use quantizer='minmax' or 'mse'")
+        with _eval_mode(model):
+            quant.prepare(model, CalibrationSet.from_any(calib_data).inputs(), inventory)
+    return quant
 
 
 def load_quantized(model: nn.Module, bit_config: BitConfig | str | Path, state_dict: str | Path | Mapping,
                    device: str = "cpu") -> nn.Module:
     """Rebuild a saved quantized model: apply the config to a fresh float model, then load the packed weights
     (a state dict of plain tensors, loaded with ``weights_only=True``)."""
-    apply(model, bit_config, device)
+    apply(model, bit_config, device, quantizer="minmax")  # the loaded state replaces the integers
     state = torch.load(state_dict, map_location=device, weights_only=True) if isinstance(state_dict, (str, Path)) \
         else state_dict
     model.load_state_dict(state)
@@ -188,7 +213,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
            allowed: Iterable[LayerBits | str] | None = None, pinned: Mapping[str, LayerBits | str] | None = None,
            threads: int | None = None, repeats: int = 15, warmup: int = 3, cache: bool | str | Path = True,
            sensitivity_options: Mapping[str, Any] | None = None, evaluate_frontier: bool = True,
-           tie_tolerance: float = 0.01,
+           tie_tolerance: float = 0.01, quantizer: str | Quantizer = "minmax",
+           quantizer_options: Mapping[str, Any] | None = None,
            model_name: str | None = None, progress: bool = True, command: str | None = None) -> SearchResult:
     """Find per-layer bits that keep the most accuracy within ``budget`` on ``device``.
 
@@ -211,6 +237,10 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     ``{"objective": {"score_kl": 1, "score_loss": 1}}`` to weight the ``decoupled`` estimator's per-metric tables,
     ``{"caps": {"score_kl": 0.2}}`` to cap one, ``{"min_bits": {"fc2": 8}}``).
 
+    ``quantizer``: how the integers of every option are chosen (``"minmax"``, ``"mse"`` clipping, ``"gptq"`` error
+    feedback from the calibration inputs; see :mod:`mpq.quantizers`), with ``quantizer_options``. The estimators
+    score the weights it produces and ``apply`` installs them, so the search allocates bits for the rounding used.
+
     ``tie_tolerance``: scores are normalised so that every layer at its most aggressive option sums to 1; allocations
     within this much of the lowest total score are ties for practical purposes, and the fastest of them is chosen
     (0 keeps the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the
@@ -230,7 +260,10 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         calib = CalibrationSet.from_any(calib_data)
         calib.check(model)
         inventory = discover_layers(model, calib.example)
-        space = build_search_space(inventory, dev, allowed, pinned)
+        quant = get_quantizer(quantizer, **(quantizer_options or {}))
+        if quant.needs_calibration and not quant.prepared:
+            quant.prepare(model, calib.inputs(), inventory)
+        space = replace(build_search_space(inventory, dev, allowed, pinned), quantizer=quant)
         example = calib.example if batch_size is None else _resize_batch(calib.example, batch_size)
         stages["discover"] = time.perf_counter() - t_start
 
@@ -238,7 +271,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         key = hashlib.sha1(json.dumps({
             "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(sensitivity),
             "options": dict(sensitivity_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
-            "loss": getattr(loss_fn, "__qualname__", None)}, sort_keys=True, default=str).encode()).hexdigest()
+            "loss": getattr(loss_fn, "__qualname__", None), "quantizer": quant.settings()}, sort_keys=True, default=str).encode()).hexdigest()
         sens = _sensitivity_stage(model, calib, space, inventory, sensitivity, sensitivity_options, loss_fn,
                                   progress, out, key)
         stages["sensitivity"] = time.perf_counter() - t0
@@ -262,7 +295,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         candidates["uniform_int8"] = uniform_choice(space, INT8_PREFERENCE)
         candidates["uniform_int4"] = uniform_choice(space, INT4_PREFERENCE, fallback=candidates["uniform_int8"])
         summary, in_model = _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table,
-                                      costs.fixed, evaluate_frontier, threads, warmup, repeats, progress)
+                                      costs.fixed, evaluate_frontier, threads, warmup, repeats, progress, quant)
         stages["evaluate"] = time.perf_counter() - t0
 
     chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
@@ -270,7 +303,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         frontier["chosen"] = frontier["choice"] == chosen_key
         frontier.insert(0, "point", range(len(frontier)))
     config = _config_of(allocation.choice, model=model_name, device=dev, budget=str(budget),
-                        estimator=sens.estimator, solver=allocation.solver)
+                        estimator=sens.estimator, solver=allocation.solver, quantizer=quant.settings())
     stages["total"] = time.perf_counter() - t_start
     latency = costs.latency
     info = {
@@ -279,7 +312,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         "budget": budget.given(), "budget_text": str(budget), "limits": limits,
         "reference": costs.reference.as_dict(), "fixed": costs.fixed, "float_layers_latency_ms": costs.float_layers_ms,
         "batch_size": batch_size or calib.batch_size, "threads": threads,
-        "estimator": sens.estimator, "sensitivity_cost": sens.cost, "solver": allocation.solver,
+        "estimator": sens.estimator, "quantizer": quant.settings(), "sensitivity_cost": sens.cost, "solver": allocation.solver,
         "tie_tolerance": tie_tolerance, "sensitivity_tables": sorted(sens.tables),
         "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
         "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
@@ -406,7 +439,7 @@ def _cost_stage(model, inventory, space, example, dev, profile, address, cache, 
 
 
 def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, fixed, evaluate_frontier,
-              threads, warmup, repeats, progress) -> pd.DataFrame:
+              threads, warmup, repeats, progress, quant: Quantizer) -> pd.DataFrame:
     """Fake-quant metric along the frontier; each candidate applied on the real kernels, timed and evaluated; the
     chosen config's layers also timed in place (returned beside the summary)."""
     from tqdm.auto import tqdm
@@ -420,13 +453,15 @@ def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, tab
     def fakequant_metric(choice: Mapping[str, str]) -> float:
         k = json.dumps(dict(sorted(choice.items())))
         if eval_fn is not None and k not in fq_cache:
-            fq_cache[k] = float(eval_fn(fake_quantize(model, _config_of(choice), dev, inventory)))
+            fq_cache[k] = float(eval_fn(fake_quantize(model, _config_of(choice), dev, inventory,
+                                                                 quantizer=quant)))
         return fq_cache.get(k, float("nan"))
 
     if evaluate_frontier and eval_fn is not None and len(frontier):
         frontier["metric"] = [fakequant_metric(json.loads(c)) for c in
                               tqdm(frontier["choice"], desc="frontier metrics", disable=not progress, leave=False)]
-    applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory)
+    applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory,
+                                                                   quantizer=quant)
                for name, choice in candidates.items()}
     measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev)
     in_model = time_layers_in_model(applied["chosen"], inventory.names, example, repeats, warmup, threads, dev)

@@ -1,6 +1,7 @@
 """The ``mpq`` command line. Option defaults come from the Python functions' own defaults.
 
     mpq search --model digits-cnn --budget size=0.3 --out runs/demo
+    mpq search --model path/to/hf-dir --eval perplexity --data file.txt --budget size=0.3 --quantizer gptq --out r
     mpq profile --model digits-cnn
     mpq apply --model digits-cnn --config runs/demo/config.json --out runs/demo/quantized.pt
     mpq dashboard runs/demo [--open]
@@ -27,22 +28,32 @@ def _default(fn, name: str) -> Any:
     return inspect.signature(fn).parameters[name].default
 
 
-def load_task(spec: str):
-    """A bundled reference model by name, or ``package.module:function`` returning a ReferenceTask-like object
+def load_task(spec: str, eval: str | None = None, data: str | None = None):
+    """A bundled reference model by name, a saved Hugging Face model directory (evaluated with ``eval`` on
+    ``data``, see :func:`mpq.hf.hf_task`), or ``package.module:function`` returning a ReferenceTask-like object
     (attributes ``model``, ``calib``, ``eval_fn``, ``metric``, ``higher_is_better``, ``name``)."""
+    from mpq.hf import hf_task, is_hf_dir
     from mpq.models import load_reference, reference_names
 
+    if is_hf_dir(spec):
+        return hf_task(spec, eval or "perplexity", data)
+    if eval or data:
+        raise SystemExit(f"mpq: --eval/--data apply to a Hugging Face model directory; {spec!r} is not one "
+                         f"(no config.json)")
     if ":" in spec:
         mod, _, fn = spec.partition(":")
         sys.path.insert(0, str(Path.cwd()))
         return getattr(importlib.import_module(mod), fn)()
     if spec in reference_names():
         return load_reference(spec)
-    raise SystemExit(f"mpq: unknown model {spec!r}: use one of {', '.join(reference_names())} or module:function")
+    raise SystemExit(f"mpq: unknown model {spec!r}: use one of {', '.join(reference_names())}, a Hugging Face model "
+                     f"directory, or module:function")
 
 
 def _parser() -> argparse.ArgumentParser:
     from mpq.api import search, sensitivity_report
+    from mpq.evaluators import EVALUATORS
+    from mpq.quantizers import available_quantizers
     from mpq.workers import profile_workloads
 
     p = argparse.ArgumentParser(prog="mpq", description="Mixed-precision bit-allocation search for PyTorch models.")
@@ -51,7 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, model_required=True):
-        sp.add_argument("--model", required=model_required, help="bundled model (digits-cnn, char-lm) or module:fn")
+        sp.add_argument("--model", required=model_required,
+                        help="bundled model (mpq models), a saved Hugging Face model directory, or module:fn")
+        sp.add_argument("--eval", default=None, choices=EVALUATORS,
+                        help="metric of a Hugging Face model directory (default perplexity)")
+        sp.add_argument("--data", default=None,
+                        help="data of a Hugging Face model: a text file (perplexity) or a .pt of inputs/labels")
         sp.add_argument("--device", default=_default(search, "device"), help="cpu (cuda with the GPU kernels)")
         sp.add_argument("--batch-size", type=int, default=_default(search, "batch_size"),
                         help="batch to profile and time at (default: the calibration batch)")
@@ -65,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory to write")
     s.add_argument("--sensitivity", default=_default(search, "sensitivity"),
                    help="estimator or weighted combination, e.g. hessian, lrp, '0.7*hessian+0.3*decoupled'")
+    s.add_argument("--quantizer", default=_default(search, "quantizer"), choices=available_quantizers(),
+                   help="how each option's integers are chosen: minmax, mse clipping, gptq error feedback")
     s.add_argument("--solver", default=_default(search, "solver"), choices=["ilp", "pareto", "greedy", "optuna",
                                                                              "exhaustive"])
     s.add_argument("--solver-options", default=None, type=json.loads,
@@ -87,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("apply", help="apply a bit config on real kernels; report metric, latency and size")
     common(a)
     a.add_argument("--config", required=True, help="config.json of a run")
+    a.add_argument("--quantizer", default=None, choices=available_quantizers(),
+                   help="default: the one the search recorded in the config")
     a.add_argument("--out", default=None, help="save the quantized state dict (weights_only-loadable)")
 
     d = sub.add_parser("dashboard", help="write (and optionally open) a run's dashboard.html; several runs compare")
@@ -117,11 +137,12 @@ def cmd_search(args) -> int:
     from mpq.budget import Budget
     from mpq.report import summary_line
 
-    task = load_task(args.model)
+    task = load_task(args.model, args.eval, args.data)
     budget = Budget.parse(",".join(args.budget))
     command = "mpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     result = search(task.model, task.calib, task.eval_fn, budget=budget, device=args.device,
-                    sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options, batch_size=args.batch_size, profile=args.profile,
+                    sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options,
+                    quantizer=args.quantizer, batch_size=args.batch_size, profile=args.profile,
                     address=args.address, out=args.out, metric=task.metric, higher_is_better=task.higher_is_better,
                     frontier_points=args.frontier_points, threads=args.threads, repeats=args.repeats,
                     allowed=args.allowed.split(",") if args.allowed else None, cache=not args.no_cache,
@@ -138,7 +159,7 @@ def cmd_profile(args) -> int:
     from mpq.space import build_search_space
     from mpq.workers import profile_workloads, workloads_for
 
-    task = load_task(args.model)
+    task = load_task(args.model, args.eval, args.data)
     inv = discover_layers(task.model, task.calib[0][0])
     space = build_search_space(inv, args.device)
     workloads, _ = workloads_for(inv, space, args.batch_size)
@@ -165,13 +186,13 @@ def cmd_apply(args) -> int:
     from mpq.kernels.gemm import state_bytes
     from mpq.workers import time_model
 
-    task = load_task(args.model)
+    task = load_task(args.model, args.eval, args.data)
     config = BitConfig.load(args.config)
     example = task.calib[0][0] if args.batch_size is None else _resize_batch(task.calib[0][0], args.batch_size)
     float_ms = time_model(task.model, example, threads=args.threads).median_ms
     float_metric = task.eval_fn(task.model)
     float_bytes = state_bytes(task.model)
-    model = apply(copy.deepcopy(task.model), config, args.device)
+    model = apply(copy.deepcopy(task.model), config, args.device, quantizer=args.quantizer, calib_data=task.calib)
     ms = time_model(model, example, threads=args.threads).median_ms
     metric = task.eval_fn(model)
     print(json.dumps({"config": args.config, "quantized_layers": len(config.quantized()),

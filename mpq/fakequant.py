@@ -15,24 +15,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpq.config import BitConfig
-from mpq.layers import LayerInfo, LayerInventory, call_model, discover_layers, set_submodule
-from mpq.quant import ActivationQuantizer, QuantScheme, fake_quantize_weight, torch_dtype
+from mpq.layers import LayerInfo, LayerInventory, call_model, discover_layers, set_submodule, weight_matrix
+from mpq.quant import ActivationQuantizer, QuantScheme, torch_dtype
+from mpq.quantizers import Quantizer, get_quantizer
 from mpq.registry import scheme_for
 
 
 class FakeQuantLayer(nn.Module):
-    """A Linear/Conv1d/Conv2d whose weight is ``Q(W)`` and whose input is fake-quantized."""
+    """A Linear/Conv1d/Conv2d/Embedding (or Hugging Face Conv1D) whose weight is ``Q(W)``, chosen by ``quantizer``,
+    and whose input is fake-quantized (an embedding's input is integer ids: never)."""
 
-    def __init__(self, module: nn.Module, scheme: QuantScheme, name: str = ""):
+    def __init__(self, module: nn.Module, scheme: QuantScheme, name: str = "", quantizer: Quantizer | None = None):
         super().__init__()
         self.scheme = scheme
         self.name = name
         self.kind = type(module).__name__
-        w = module.weight.detach()
-        self.register_buffer("weight", w if scheme.weight is None else fake_quantize_weight(w, scheme.weight))
-        self.register_buffer("bias", None if module.bias is None else module.bias.detach())
+        w = weight_matrix(module).detach()  # output channels first, also for HF Conv1D's [in, out] storage
+        if scheme.weight is not None:
+            w = (quantizer or get_quantizer()).fake(name, w, scheme.weight)
+        self.register_buffer("weight", w)
+        bias = getattr(module, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.act = ActivationQuantizer(scheme.act, name)
         self._conv = {}
+        self._embedding = {}
+        if isinstance(module, nn.Embedding):
+            self._embedding = dict(padding_idx=module.padding_idx, max_norm=module.max_norm,
+                                   norm_type=module.norm_type, scale_grad_by_freq=module.scale_grad_by_freq,
+                                   sparse=module.sparse)
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             self._conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
                               groups=module.groups)
@@ -41,6 +51,8 @@ class FakeQuantLayer(nn.Module):
                 raise ValueError(f"layer {name!r}: padding mode {module.padding_mode!r} is not fake-quantizable")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._embedding:
+            return F.embedding(x, self.weight, **self._embedding)
         x = self.act(x)
         if self._conv:
             y = self._fn(x, self.weight, None, **self._conv)
@@ -59,17 +71,19 @@ class FakeQuantLayer(nn.Module):
 
 
 def fake_quantize(model: nn.Module, config: BitConfig, device: str | None = "cpu",
-                  inventory: LayerInventory | None = None, inplace: bool = False) -> nn.Module:
+                  inventory: LayerInventory | None = None, inplace: bool = False,
+                  quantizer: Quantizer | None = None) -> nn.Module:
     """A copy of ``model`` (or the model itself with ``inplace``) with every non-float layer fake-quantized.
 
     ``device`` picks whose numerics are emulated (its kernels'); None uses the generic default scheme.
+    ``quantizer`` chooses the integers (min-max when None; a GPTQ quantizer must have been prepared).
     """
     inv = inventory or discover_layers(model)
     out = model if inplace else copy.deepcopy(model)
     for name, bits in config.quantized().items():
         layer: LayerInfo = inv[name]
         scheme = scheme_for(layer, bits, device)
-        set_submodule(out, name, FakeQuantLayer(out.get_submodule(name), scheme, name))
+        set_submodule(out, name, FakeQuantLayer(out.get_submodule(name), scheme, name, quantizer))
     return out
 
 

@@ -18,16 +18,29 @@ from mpq.errors import CalibrationError, NoQuantizableLayersError
 
 log = logging.getLogger(__name__)
 
-QUANTIZABLE_TYPES: dict[type, str] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+QUANTIZABLE_TYPES: dict[type, str] = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d",
+                                      nn.Embedding: "embedding"}
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's linears): a linear layer whose weight is stored ``[in, out]``. Recognised
+    by name so that mpq never imports transformers itself."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+def weight_matrix(m: nn.Module) -> torch.Tensor:
+    """The weight with output channels first (``[out, in, ...]``): a view of HF Conv1D's transposed weight."""
+    return m.weight.t() if is_hf_conv1d(m) else m.weight
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One quantizable layer, seen as the GEMM ``[rows, K] x [K, N]`` that its kernel runs."""
+    """One quantizable layer, seen as the GEMM ``[rows, K] x [K, N]`` that its kernel runs (an embedding as a table
+    of N rows of K values, looked up rather than multiplied)."""
 
     name: str
-    kind: str  # linear | conv1d | conv2d
-    weight_shape: tuple[int, ...]
+    kind: str  # linear | conv1d | conv2d | embedding
+    weight_shape: tuple[int, ...]  # output channels (or embedding rows) first, whatever the module stores
     params: int  # weight + bias elements
     has_bias: bool
     weight_bytes_per_elem: int  # float storage of the original weight
@@ -36,6 +49,8 @@ class LayerInfo:
     input_shape: tuple[int, ...] | None = None  # of the first call, batch dim included
     batch_size: int = 0  # batch of the example input
     conv: dict[str, Any] | None = None  # stride, padding, dilation, groups
+    transposed: bool = False  # the module stores its weight [in, out] (HF Conv1D)
+    tied_to: str | None = None  # the kept-float module whose weight this layer shares (a tied LM head)
 
     @property
     def n(self) -> int:
@@ -54,6 +69,10 @@ class LayerInfo:
         return 1 if self.conv is None else int(self.conv["groups"])
 
     def float_bytes(self) -> int:
+        """Bytes this layer adds in float; a tied layer adds only its bias (its weight is counted once, under the
+        module it shares it with)."""
+        if self.tied_to:
+            return (self.n if self.has_bias else 0) * self.weight_bytes_per_elem
         return self.params * self.weight_bytes_per_elem
 
     def to_row(self) -> dict[str, Any]:
@@ -141,6 +160,8 @@ def describe_input(inputs: Any) -> str:
 def expected_input(model: nn.Module) -> str:
     """What the model's first quantizable layer expects, for error messages."""
     for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            return f"its first layer {name!r} (Embedding) expects integer ids below {m.num_embeddings}"
         if isinstance(m, nn.Linear):
             return f"its first layer {name!r} (Linear) expects a last dimension of {m.in_features}"
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -167,18 +188,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _static_info(name: str, m: nn.Module) -> LayerInfo:
-    kind = next(v for t, v in QUANTIZABLE_TYPES.items() if isinstance(m, t))
+    kind = "linear" if is_hf_conv1d(m) else next(v for t, v in QUANTIZABLE_TYPES.items() if isinstance(m, t))
     conv = None
     if kind.startswith("conv"):
         conv = {"stride": tuple(m.stride), "padding": m.padding if isinstance(m.padding, str) else tuple(m.padding),
                 "dilation": tuple(m.dilation), "groups": m.groups, "padding_mode": m.padding_mode}
-    params = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-    return LayerInfo(name=name, kind=kind, weight_shape=tuple(m.weight.shape), params=params,
-                     has_bias=m.bias is not None, weight_bytes_per_elem=m.weight.element_size(), conv=conv)
+    bias = getattr(m, "bias", None)
+    params = m.weight.numel() + (bias.numel() if bias is not None else 0)
+    return LayerInfo(name=name, kind=kind, weight_shape=tuple(weight_matrix(m).shape), params=params,
+                     has_bias=bias is not None, weight_bytes_per_elem=m.weight.element_size(), conv=conv,
+                     transposed=is_hf_conv1d(m))
 
 
 def is_quantizable(m: nn.Module) -> bool:
-    return isinstance(m, tuple(QUANTIZABLE_TYPES)) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    return (isinstance(m, tuple(QUANTIZABLE_TYPES)) or is_hf_conv1d(m)) and \
+        isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
 def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInventory:
@@ -188,6 +212,7 @@ def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInvento
     for name, m in modules.items():
         if name and is_quantizable(m):
             infos[name] = _static_info(name, m)
+    tied = _untie_plan(infos, modules)
 
     batch = 0
     if example_input is not None:
@@ -199,8 +224,8 @@ def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInvento
                 s["calls"] += 1
                 if s["shape"] is None:
                     s["shape"] = tuple(inp[0].shape)
-                k = infos[name].k
-                s["macs"] += out.numel() * k  # every output element is one dot product of length K
+                if infos[name].kind != "embedding":  # a lookup multiplies nothing
+                    s["macs"] += out.numel() * infos[name].k  # every output element is a dot product of length K
             return fn
 
         handles = [modules[n].register_forward_hook(hook(n)) for n in infos]
@@ -218,6 +243,15 @@ def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInvento
     kept: list[FloatModule] = []
     layers: list[LayerInfo] = []
     for name, info in infos.items():
+        if name in tied:
+            partner = tied[name]
+            if partner is None:  # a tied embedding: its head is the quantizable one
+                heads = [h for h, t in tied.items() if t == name]
+                kept.append(FloatModule(name, type(modules[name]).__name__, info.params, info.float_bytes(),
+                                        f"weight tied to {', '.join(heads)}: quantized there (the head), kept in "
+                                        f"float here"))
+                continue
+            info = LayerInfo(**{**asdict(info), "tied_to": partner})
         if example_input is not None and info.calls == 0:
             m = modules[name]
             kept.append(FloatModule(name, type(m).__name__, info.params, info.float_bytes(),
@@ -239,21 +273,39 @@ def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInvento
         types = sorted({type(m).__name__ for m in modules.values() if list(m.parameters(recurse=False))})
         raise NoQuantizableLayersError(
             f"model {type(model).__name__} has no quantizable layer: mpq quantizes "
-            f"{', '.join(t.__name__ for t in QUANTIZABLE_TYPES)}; its modules with parameters are "
+            f"{', '.join(t.__name__ for t in QUANTIZABLE_TYPES)} and Hugging Face Conv1D; its modules with "
+            f"parameters are "
             f"{types or 'none'}")
     log.debug("discovered %d quantizable layers, %d kept in float", len(layers), len(kept))
     return LayerInventory(layers, kept, batch)
 
 
+def _untie_plan(infos: dict[str, LayerInfo], modules: dict[str, nn.Module]) -> dict[str, str | None]:
+    """Quantizable layers that share one weight tensor (a tied LM head and embedding): the first non-embedding
+    member stays quantizable but ``tied_to`` the owner, which is kept in float (``None``) when it is an embedding;
+    further members likewise tie to the first. Quantizing a tied layer gives it its own packed copy."""
+    groups: dict[int, list[str]] = {}
+    for name in infos:
+        groups.setdefault(id(modules[name].weight), []).append(name)
+    plan: dict[str, str | None] = {}
+    for members in (g for g in groups.values() if len(g) > 1):
+        embeddings = [n for n in members if infos[n].kind == "embedding"]
+        owner = embeddings[0] if embeddings else members[0]
+        if embeddings:
+            plan[owner] = None
+        for n in members:
+            if n != owner:
+                plan[n] = owner
+    return plan
+
+
 def _float_reason(m: nn.Module) -> str:
     t = type(m).__name__
-    if isinstance(m, nn.Embedding):
-        return "Embedding: a table lookup, not a GEMM; kept in float"
     if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "norm" in t.lower():
         return f"{t}: normalisation runs in float"
     if isinstance(m, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return f"{t}: no quantized kernel for this layer type"
-    return f"{t}: parameters outside Linear/Conv1d/Conv2d stay in float"
+    return f"{t}: parameters outside Linear/Conv1d/Conv2d/Embedding stay in float"
 
 
 def modules_by_name(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:

@@ -4,8 +4,12 @@ Weights are quantized per output channel or in groups along the input dimension 
 kw`` axis for convolutions, the same order ``F.unfold`` produces, so a conv's groups match its im2col GEMM).
 
 - symmetric: ``q in [-(2^(b-1)-1), 2^(b-1)-1]``, ``w ~ q * s`` (the narrow range that int8 GEMM libraries use).
-- asymmetric: ``q in [0, 2^b - 1]``, ``w ~ (q - 2^(b-1)) * s + z`` with a float zero ``z`` (the convention of the
-  int4 "tinygemm" kernels; it puts the min of each group exactly on level 0).
+- asymmetric: ``q in [0, 2^b - 1]``, ``w ~ (q - m) * s + z`` with a float zero ``z``, ``m = 2^(b-1)`` (the
+  convention of the int4 "tinygemm" kernels) or ``m = 0`` (``zero_at_min``: ``z`` is the value of level 0, as the
+  row-wise quantized embedding kernels store it). Either way the min of each group sits exactly on level 0.
+
+How the integers are chosen (plain min-max rounding here; MSE clipping or GPTQ error feedback) is a
+:mod:`mpq.quantizers` setting; every quantizer produces a :class:`QuantizedWeight` in these storage formats.
 
 Scales (and zeros) are rounded to the dtype the kernel stores them in *before* the integers are computed, so the
 integers are the ones the kernel holds and fake-quant matches the real kernel up to accumulation order.
@@ -47,6 +51,7 @@ class WeightQuantSpec:
     symmetric: bool = True
     group_size: int | None = None
     scale_dtype: str = "float32"
+    zero_at_min: bool = False  # asymmetric only: the stored zero is level 0's value (offset m = 0)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -65,8 +70,8 @@ class WeightQuantSpec:
 
     @property
     def mid(self) -> int:
-        """Offset of the asymmetric levels (0 for symmetric)."""
-        return 0 if self.symmetric else 2 ** (self.bits - 1)
+        """Offset ``m`` of the asymmetric levels (0 for symmetric and for ``zero_at_min``)."""
+        return 0 if self.symmetric or self.zero_at_min else 2 ** (self.bits - 1)
 
 
 @dataclass
@@ -87,10 +92,13 @@ class QuantizedWeight:
     def dequantize_padded(self) -> Tensor:
         """Dequantized ``[N, Kp]`` matrix (padding columns included)."""
         s = self.scale.repeat_interleave(self.group, dim=1)
-        w = (self.q.float() - self.spec.mid) * s
-        if self.zero is not None:
-            w = w + self.zero.repeat_interleave(self.group, dim=1)
-        return w
+        z = None if self.zero is None else self.zero.repeat_interleave(self.group, dim=1)
+        return levels_to_values(self.q.float(), s, z, self.spec)
+
+    def error(self, weight: Tensor) -> float:
+        """``||Q(W) - W||^2`` (the HAWQ perturbation), summed in float64."""
+        diff = self.dequantize().double() - weight.detach().double()
+        return float((diff * diff).sum())
 
     def dequantize(self) -> Tensor:
         return self.dequantize_padded()[:, : self.k].reshape(self.shape)
@@ -100,30 +108,55 @@ def _as_matrix(weight: Tensor) -> Tensor:
     return weight.detach().float().reshape(weight.shape[0], -1)
 
 
-def quantize_weight(weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
-    """Quantize a Linear/Conv weight (out channels first). K is zero-padded to whole groups."""
+def grouped(weight: Tensor, spec: WeightQuantSpec) -> tuple[Tensor, int]:
+    """The weight as ``[N, groups, group]`` (K zero-padded to whole groups), and the original K."""
     w = _as_matrix(weight)
     n, k = w.shape
     g = spec.group_size or k
     kp = math.ceil(k / g) * g
     if kp != k:
         w = torch.nn.functional.pad(w, (0, kp - k))
-    wg = w.reshape(n, kp // g, g)
+    return w.reshape(n, kp // g, g), k
+
+
+def group_params(lo: Tensor, hi: Tensor, spec: WeightQuantSpec) -> tuple[Tensor, Tensor | None]:
+    """Scale (and zero) of groups whose values span ``[lo, hi]`` (symmetric: ``max(|lo|, |hi|)``), rounded to the
+    storage dtype."""
     tiny = torch.finfo(torch.float32).tiny
     if spec.symmetric:
-        amax = wg.abs().amax(dim=-1)
+        amax = torch.maximum(lo.abs(), hi.abs())
         scale = _round_to(torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax)), spec.scale_dtype)
-        scale = scale.clamp_min(tiny)
-        q = torch.round(wg / scale.unsqueeze(-1)).clamp(spec.qmin, spec.qmax)
-        zero = None
-    else:
-        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-        rng = hi - lo
-        scale = _round_to(torch.where(rng > 0, rng / spec.qmax, torch.ones_like(rng)), spec.scale_dtype)
-        scale = scale.clamp_min(tiny)
-        zero = _round_to(lo + spec.mid * scale, spec.scale_dtype)
-        q = torch.round((wg - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + spec.mid).clamp(spec.qmin, spec.qmax)
-    return QuantizedWeight(q.reshape(n, kp).to(torch.int32), scale, zero, spec, tuple(weight.shape), k)
+        return scale.clamp_min(tiny), None
+    rng = hi - lo
+    scale = _round_to(torch.where(rng > 0, rng / spec.qmax, torch.ones_like(rng)), spec.scale_dtype).clamp_min(tiny)
+    return scale, _round_to(lo + spec.mid * scale, spec.scale_dtype)
+
+
+def round_to_levels(w: Tensor, scale: Tensor, zero: Tensor | None, spec: WeightQuantSpec) -> Tensor:
+    """Nearest integer level of ``w`` (scale and zero broadcast against it)."""
+    if zero is None:
+        return torch.round(w / scale).clamp(spec.qmin, spec.qmax)
+    return torch.round((w - zero) / scale + spec.mid).clamp(spec.qmin, spec.qmax)
+
+
+def levels_to_values(q: Tensor, scale: Tensor, zero: Tensor | None, spec: WeightQuantSpec) -> Tensor:
+    w = (q - spec.mid) * scale
+    return w if zero is None else w + zero
+
+
+def quantize_grouped(wg: Tensor, lo: Tensor, hi: Tensor, spec: WeightQuantSpec, shape: tuple[int, ...],
+                     k: int) -> QuantizedWeight:
+    """Round ``[N, groups, group]`` values to the levels of per-group ranges ``[lo, hi]``."""
+    scale, zero = group_params(lo, hi, spec)
+    q = round_to_levels(wg, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), spec)
+    n = wg.shape[0]
+    return QuantizedWeight(q.reshape(n, -1).to(torch.int32), scale, zero, spec, tuple(shape), k)
+
+
+def quantize_weight(weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
+    """Min-max quantization of a Linear/Conv/Embedding weight (out channels first); K zero-padded to whole groups."""
+    wg, k = grouped(weight, spec)
+    return quantize_grouped(wg, wg.amin(dim=-1), wg.amax(dim=-1), spec, tuple(weight.shape), k)
 
 
 def fake_quantize_weight(weight: Tensor, spec: WeightQuantSpec) -> Tensor:

@@ -2,7 +2,8 @@
 
 A kernel is one small class with three methods (Optuna-style plug-in): :meth:`Kernel.options` lists the
 :class:`~mpq.config.LayerBits` it can run for a layer, :meth:`Kernel.scheme` gives the exact numerics of one option
-(so fake-quant matches the kernel), and :meth:`Kernel.convert` swaps a float module for the quantized one.
+(so fake-quant matches the kernel), and :meth:`Kernel.convert` swaps a float module for the quantized one, given the
+integers a :mod:`mpq.quantizers` quantizer chose in that format.
 Kernels register themselves with :func:`register_kernel`; the packages that define them (``mpq.kernels``) are
 imported on first use, so ``import mpq`` loads no kernel code.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from mpq.config import FLOAT, LayerBits
 from mpq.errors import ConfigError
 from mpq.layers import LayerInfo
-from mpq.quant import QuantScheme
+from mpq.quant import QuantizedWeight, QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,18 @@ class Kernel(ABC):
         """Exact numerics of ``bits`` on this kernel."""
 
     @abstractmethod
-    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits) -> nn.Module:
-        """A module that runs ``module`` on this kernel with ``bits``."""
+    def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits, qweight: QuantizedWeight) -> nn.Module:
+        """A module that runs ``module`` on this kernel with ``bits``, storing ``qweight`` (the weight already
+        quantized in :meth:`scheme`'s format by the search's quantizer, output channels first) as it is."""
+
+    def quantize_module(self, module: nn.Module, layer: LayerInfo, bits: LayerBits, quantizer=None) -> nn.Module:
+        """:meth:`convert` with the weight quantized by ``quantizer`` (a :class:`mpq.quantizers.Quantizer`; min-max
+        when None) in this kernel's format."""
+        from mpq.layers import weight_matrix
+        from mpq.quantizers import get_quantizer
+
+        qweight = get_quantizer(quantizer).quantize(layer.name, weight_matrix(module), self.scheme(bits).weight)
+        return self.convert(module, layer, bits, qweight)
 
     # Size of what convert() stores, for the cost model. Kernels that pad override it.
     def weight_bytes(self, layer: LayerInfo, bits: LayerBits) -> int:

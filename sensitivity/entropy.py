@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from mpq.calib import CalibrationSet
 from mpq.config import FLOAT
 from mpq.fakequant import FakeQuantLayer
-from mpq.layers import LayerInventory, call_model, modules_by_name
-from mpq.quant import fake_quantize_activation, fake_quantize_weight
+from mpq.layers import LayerInventory, call_model, modules_by_name, weight_matrix
+from mpq.quant import fake_quantize_activation
 from mpq.registry import scheme_for
 from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
@@ -86,8 +86,9 @@ class EntropyProxyEstimator(SensitivityEstimator):
                 scheme = scheme_for(inventory[n], bits, space.device)
                 mod = modules[n]
                 if scheme.weight is not None:
-                    row["weight_bits_lost"] = entropy_drop(mod.weight, fake_quantize_weight(mod.weight, scheme.weight))
-                fq = FakeQuantLayer(mod, scheme, n)
+                    w = weight_matrix(mod)
+                    row["weight_bits_lost"] = entropy_drop(w, space.quantizer.fake(n, w, scheme.weight))
+                fq = FakeQuantLayer(mod, scheme, n, space.quantizer)
                 err = ref = 0.0
                 n_samples = 0
                 act_lost = []

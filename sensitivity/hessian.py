@@ -29,12 +29,13 @@ from typing import Callable
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from mpq.calib import CalibrationSet, LossFn, default_loss
 from mpq.config import FLOAT, LayerBits
-from mpq.layers import LayerInventory, call_model, modules_by_name
-from mpq.quant import ActQuantSpec, fake_quantize_activation, weight_error
+from mpq.layers import LayerInventory, call_model, modules_by_name, weight_matrix
+from mpq.quant import ActQuantSpec, fake_quantize_activation
 from mpq.registry import scheme_for
 from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
@@ -108,6 +109,8 @@ class _HessianGraph:
 
         def pre_hook(name):
             def fn(mod, args):
+                if not args[0].is_floating_point():  # an embedding's ids: no activation to perturb
+                    return None
                 d = torch.zeros_like(args[0], requires_grad=True)
                 self.deltas.setdefault(name, []).append(d)
                 return (args[0] + d,) + tuple(args[1:])
@@ -128,7 +131,9 @@ class _HessianGraph:
         """``(keys, variables, grads)`` with a graph for second derivatives; variables that carry no curvature
         (gradient constant in them) are dropped."""
         self.deltas.clear()
-        loss = loss_fn(call_model(self.model, inputs), targets)
+        # Fused attention kernels (flash, memory-efficient) have no second derivative; the math one does.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = loss_fn(call_model(self.model, inputs), targets)
         keys = [("w", n) for n in self.names]
         variables = list(self.weights)
         for n in self.names if self.activations else []:
@@ -365,7 +370,8 @@ class HessianTraceEstimator(SensitivityEstimator):
         modules = modules_by_name(model, names)
         terms: dict[tuple[str, LayerBits], _ScoreTerms] = {}
         for (n, bits), sch in schemes.items():
-            w_err = weight_error(modules[n].weight, sch.weight) if sch.weight is not None else 0.0
+            w = weight_matrix(modules[n])
+            w_err = space.quantizer.quantize(n, w, sch.weight).error(w) if sch.weight is not None else 0.0
             a_err = act_err.get((n, sch.act), 0.0)
             terms[(n, bits)] = _ScoreTerms(n, 0.5 * w_err / modules[n].weight.numel(),
                                            0.5 * a_err / act_numel[n] if a_err else 0.0, w_err, a_err)

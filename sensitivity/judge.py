@@ -71,7 +71,7 @@ def judge_estimators(model: nn.Module, calib: Any, heldout: Any, estimators: Ite
     truth = truth.rename(columns={"loss": "truth"})
     configs = random_configs(space, n_configs, seed)
     damage = config_damage(model, held, configs, inventory, space.device, loss_fn, ("loss",), backend,
-                           progress=progress, desc="random configs")
+                           progress=progress, desc="random configs", quantizer=space.quantizer)
     cfg = pd.DataFrame({"config": [json.dumps(c, sort_keys=True) for c in configs],
                         "truth": [d["loss"] for d in damage]})
 

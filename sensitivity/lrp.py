@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from mpq.calib import CalibrationSet, model_output
 from mpq.config import FLOAT
-from mpq.layers import LayerInventory, call_model, modules_by_name
-from mpq.quant import fake_quantize_activation, fake_quantize_weight
+from mpq.layers import LayerInventory, call_model, modules_by_name, weight_matrix
+from mpq.quant import fake_quantize_activation
 from mpq.registry import scheme_for
 from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
@@ -164,9 +164,9 @@ class LRPEstimator(SensitivityEstimator):
                    "weight_rel_error": 0.0, "act_rel_error": 0.0}
             if bits != FLOAT:
                 scheme = scheme_for(inventory[n], bits, space.device)
-                w = modules[n].weight.detach()
+                w = weight_matrix(modules[n]).detach()
                 if scheme.weight is not None:
-                    dw = fake_quantize_weight(w, scheme.weight) - w
+                    dw = space.quantizer.fake(n, w, scheme.weight) - w
                     row["weight_rel_error"] = float(dw.pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
                 if self.activations and not scheme.act.is_float:
                     num = sum(float((fake_quantize_activation(a, scheme.act) - a).pow(2).sum()) for a in inputs[n])

@@ -50,13 +50,15 @@ class DeltaRunner:
     for fake-quant ones in place and back, so no copy is made per config."""
 
     def __init__(self, model: nn.Module, batches: list[tuple[Any, Any]], inventory: LayerInventory, device: str | None,
-                 loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",), threads: int | None = None):
+                 loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",), threads: int | None = None,
+                 quantizer=None):
         if threads:
             torch.set_num_threads(threads)
         self.model = copy.deepcopy(model).eval()
         self.batches = batches
         self.inventory = inventory
         self.device = device
+        self.quantizer = quantizer  # a mpq.quantizers.Quantizer (min-max when None)
         self.loss_fn = loss_fn or default_loss
         self.metrics = tuple(metrics)
         self.feature_layer = inventory.names[-1]
@@ -87,7 +89,8 @@ class DeltaRunner:
                     if bits != FLOAT:
                         originals[layer] = self.model.get_submodule(layer)
                         scheme = scheme_for(self.inventory[layer], bits, self.device)
-                        set_submodule(self.model, layer, FakeQuantLayer(originals[layer], scheme, layer))
+                        set_submodule(self.model, layer, FakeQuantLayer(originals[layer], scheme, layer,
+                                                                             self.quantizer))
                 sums = dict.fromkeys(self.metrics, 0.0)
                 for (x, y), (out_f, h_f) in zip(self.batches, self.reference):
                     out_q, h_q = self._forward(x)
@@ -107,8 +110,10 @@ class DeltaRunner:
 def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[str, str]], inventory: LayerInventory,
                   device: str | None, loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",),
                   backend: str = "inprocess", address: str | None = None, workers: int | None = None,
-                  chunk_size: int = 4, progress: bool = True, desc: str = "damage") -> list[dict[str, float]]:
-    """The damage of each config (layer -> option name, other layers float) on every metric, in order."""
+                  chunk_size: int = 4, progress: bool = True, desc: str = "damage",
+                  quantizer=None) -> list[dict[str, float]]:
+    """The damage of each config (layer -> option name, other layers float) on every metric, in order; weights
+    rounded by ``quantizer`` (a :class:`mpq.quantizers.Quantizer`, min-max when None)."""
     metrics = tuple(metrics)
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -120,7 +125,7 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
     bar = tqdm(total=len(configs), desc=desc, disable=not progress, leave=False)
     try:
         if backend == "inprocess":
-            runner = DeltaRunner(model, calib.batches, inventory, device, loss_fn, metrics)
+            runner = DeltaRunner(model, calib.batches, inventory, device, loss_fn, metrics, None, quantizer)
             for chunk in chunks:
                 results.update(zip(chunk, runner.measure([configs[i] for i in chunk])))
                 bar.update(len(chunk))
@@ -132,7 +137,8 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
             n_workers = max(1, min(n_workers, len(chunks)))
             actor_cls = ray.remote(num_cpus=1)(DeltaRunner)
             model_ref, batches_ref = ray.put(model), ray.put(calib.batches)  # one copy in the object store
-            actors = [actor_cls.remote(model_ref, batches_ref, inventory, device, loss_fn, metrics, 1)
+            quantizer_ref = ray.put(quantizer)
+            actors = [actor_cls.remote(model_ref, batches_ref, inventory, device, loss_fn, metrics, 1, quantizer_ref)
                       for _ in range(n_workers)]
             pending = {actors[i % n_workers].measure.remote([configs[j] for j in chunk]): chunk
                        for i, chunk in enumerate(chunks)}
@@ -157,7 +163,8 @@ def single_layer_deltas(model: nn.Module, calib: CalibrationSet, space: SearchSp
     """One row per (layer, option) of ``space``: the mean damage per batch on every metric (float rows are 0)."""
     pairs = [(l, b.name) for l, b in space.pairs() if b != FLOAT]
     damage = config_damage(model, calib, [{l: o} for l, o in pairs], inventory, space.device, loss_fn, metrics,
-                           backend, address, workers, chunk_size, progress, desc="single-layer damage")
+                           backend, address, workers, chunk_size, progress, desc="single-layer damage",
+                           quantizer=space.quantizer)
     by_pair = dict(zip(pairs, damage))
     zero = dict.fromkeys(tuple(metrics), 0.0)
     return pd.DataFrame([{"layer": l, "option": b.name, **by_pair.get((l, b.name), zero)} for l, b in space.pairs()])

@@ -70,7 +70,7 @@ def test_kernel_numerics(name, bits):
     layer = discover_layers(nn.Sequential(module), x)["0"]
     kernel = kernel_for(layer, bits, "cpu")
     scheme = kernel.scheme(bits)
-    qmod = kernel.convert(module, layer, bits)
+    qmod = kernel.quantize_module(module, layer, bits)
     with torch.no_grad():
         y_ref = module(x)
         y_kernel = qmod(x)
@@ -102,7 +102,7 @@ def test_int4_pack_exact_inverse():
     module = nn.Linear(96, 24, bias=False)
     layer = discover_layers(nn.Sequential(module), torch.randn(1, 96))["0"]
     bits = LayerBits(4, 16, 32)
-    qmod = kernel_for(layer, bits, "cpu").convert(module, layer, bits)
+    qmod = kernel_for(layer, bits, "cpu").quantize_module(module, layer, bits)
     eye = torch.eye(96)
     with torch.no_grad():
         read_back = qmod.gemm(eye).t()  # [N, K]
@@ -115,7 +115,7 @@ def test_int8_weight_read_back():
     module = nn.Linear(40, 12, bias=False)
     layer = discover_layers(nn.Sequential(module), torch.randn(1, 40))["0"]
     bits = LayerBits(8, 16)
-    qmod = kernel_for(layer, bits, "cpu").convert(module, layer, bits)
+    qmod = kernel_for(layer, bits, "cpu").quantize_module(module, layer, bits)
     with torch.no_grad():
         read_back = qmod.gemm(torch.eye(40)).t()
     qw = quantize_weight(module.weight, kernel_for(layer, bits, "cpu").scheme(bits).weight)

@@ -27,9 +27,10 @@ def lm_workloads(lm_task):
 
 def test_workloads_deduplicate_identical_blocks(lm_workloads):
     inv, space, workloads, by_pair = lm_workloads
-    assert len(by_pair) == sum(len(space[n]) for n in space.layers) == 17 * 3
-    # 4 blocks share shapes: qkv, proj, fc, out, plus the head -> 5 shapes x 3 options
-    assert len(workloads) == 5 * 3
+    # 17 linears x (float + 2 options); the two embeddings have no allowed option here: float only
+    assert len(by_pair) == sum(len(space[n]) for n in space.layers) == 17 * 3 + 2
+    # 4 blocks share shapes: qkv, proj, fc, out, plus the head -> 5 shapes x 3 options, plus tok and pos
+    assert len(workloads) == 5 * 3 + 2
     assert by_pair[("blocks.0.fc", "w8a8")] == by_pair[("blocks.3.fc", "w8a8")]
 
 

@@ -112,10 +112,16 @@ class _RecordedOutput(torch.nn.Module):
     """Stands in for a layer: returns what the layer returned on the same input, without computing or allocating
     (the layer's own timing already pays for its output; an in-place op downstream only changes values)."""
 
-    def __init__(self, outputs: list[torch.Tensor]):
+    def __init__(self, outputs: list[torch.Tensor], weight: torch.Tensor | None = None):
         super().__init__()
         self.outputs = outputs
         self.call = 0
+        # model code may read the layer's weight dtype/device (HF ViT casts its input to it): keep an empty one
+        self.weight_like = None if weight is None else torch.empty(0, dtype=weight.dtype, device=weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.weight_like
 
     def forward(self, *args, **kwargs):
         out = self.outputs[self.call % len(self.outputs)]
@@ -141,7 +147,7 @@ def time_rest_of_model(model: torch.nn.Module, layer_names: list[str], inputs: A
     for h in handles:
         h.remove()
     for n in layer_names:
-        set_submodule(stub, n, _RecordedOutput(recorded[n]))
+        set_submodule(stub, n, _RecordedOutput(recorded[n], getattr(stub.get_submodule(n), "weight", None)))
     return time_model(stub, inputs, warmup, repeats, min_sample_ms, threads, device)
 
 

@@ -47,6 +47,8 @@ class Workload:
         info = self.layer_info()
         if self.kind == "linear":
             module = nn.Linear(self.weight_shape[1], self.weight_shape[0], bias=self.has_bias)
+        elif self.kind == "embedding":
+            module = nn.Embedding(*self.weight_shape)
         else:
             conv = dict(self.conv)
             cls = nn.Conv1d if self.kind == "conv1d" else nn.Conv2d
@@ -55,8 +57,10 @@ class Workload:
                          groups=conv["groups"], bias=self.has_bias, padding_mode=conv.get("padding_mode", "zeros"))
         bits = LayerBits.parse(self.option)
         if bits != FLOAT:
-            module = kernel_for(info, bits, device).convert(module, info, bits)
+            module = kernel_for(info, bits, device).quantize_module(module, info, bits)
         module.eval()
+        if self.kind == "embedding":
+            return module.to(device), torch.randint(0, self.weight_shape[0], self.input_shape, device=device)
         return module.to(device), torch.randn(self.input_shape, device=device)
 
 
