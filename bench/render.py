@@ -127,6 +127,68 @@ def dashboard_section(d: dict) -> list[str]:
             f"including the browser's start; JavaScript errors: {d['errors'] or 'none'}.", ""]
 
 
+def quantizers_section(d: dict) -> list[str]:
+    out = ["## Quantizers at 4, 3 and 2.5 weight bits (`bench/quantizers.py`)", "", _env(d["env"]), "",
+           "Weights only; options 2/3/4/5/6/8 bits per channel or in groups of 32/64/128, asymmetric, fp16 scales and "
+           "zeros counted in the size. Budget \"b bits\" = the size of the uniform b-bit per-channel model (2.5: "
+           "halfway between 2 and 3). Uniform = the largest uniform option within the budget; mixed = ILP on measured "
+           "single-layer KL (calibration batches) with that quantizer's weights. Metrics on held-out data. GPTQ "
+           f"options: {d.get('gptq', {})}.", ""]
+    for m in d["models"]:
+        metric = "perplexity" if "perplexity" in m["float"] else "nll"
+        cols = ["perplexity"] if metric == "perplexity" else ["nll", "kl", "accuracy"]
+        out += [f"### {m['model']} ({m['layers']} layers, {m['weights']} weights; float " +
+                ", ".join(f"{c} {m['float'][c]:.4f}" for c in cols if c in m["float"]) + ")", "",
+                "| bits | allocation | quantizer | avg bits (scales counted) | " + " | ".join(cols) + " |",
+                "|---|---|---|---|" + "---|" * len(cols)]
+        by = {(r["target_bits"], r["allocation"], r["quantizer"]): r for r in m["rows"]}
+        order = lambda kv: (-kv[0][0], kv[0][1] == "mixed", kv[0][2] == "gptq")  # noqa: E731
+        for (bits, alloc, quant), r in sorted(by.items(), key=order):
+            out.append(f"| {bits:g} | {alloc} | {quant} | {r['avg_bits']:.3f} | " +
+                       " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+        base = m["float"][metric]
+        goals = []
+        for bits in (3.0, 4.0):
+            mixed, uni = by.get((bits, "mixed", "gptq")), by.get((bits, "uniform", "minmax"))
+            if not mixed or not uni:
+                continue
+            if bits == 3.0:
+                ratio = (mixed[metric] - base) / max(uni[metric] - base, 1e-12)
+                goals.append(f"3 bits: mixed+GPTQ {metric} increase is {100 * ratio:.1f}% of uniform min-max's "
+                             f"(goal <= 25%: {'met' if ratio <= 0.25 else 'missed'})")
+            else:
+                over = mixed[metric] / base - 1
+                goals.append(f"4 bits: mixed+GPTQ {metric} is {100 * over:+.2f}% vs float (goal <= +1%: "
+                             f"{'met' if over <= 0.01 else 'missed'})")
+        cost = m["cost"].get("gptq", {})
+        out += ["", *[f"- {g}" for g in goals],
+                f"- GPTQ cost: Hessians {cost.get('prepare_s', 0):.2f} s ({cost.get('hessian_bytes', 0) / 1e6:.2f} "
+                f"MB held), {1e3 * cost.get('s_per_layer_format', 0):.1f} ms per (layer, format), "
+                f"{cost.get('quantize_all_s', 0):.1f} s for all of them; min-max "
+                f"{1e3 * m['cost']['minmax']['s_per_layer_format']:.1f} ms per (layer, format)", ""]
+    return out + [f"Peak resident memory of the whole benchmark process: {d.get('max_rss_mb', 0):.0f} MB.", ""]
+
+
+def gpu_quant_section(d: dict) -> list[str]:
+    env = d["env"]
+    out = ["## GPTQ and FP8 on the GPU (`python bench/gpu_quant.py`)", "",
+           f"{env.get('gpu')}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}.", "",
+           "GPTQ, 4-bit asymmetric, group 128, 65536 calibration rows; output MSE on 2048 unseen rows relative to "
+           "min-max:", "", "| layer (N x K) | act-order | seconds | peak extra GPU MB | Hessian MB | "
+           "GPTQ / min-max output MSE |", "|---|---|---|---|---|---|"]
+    for r in d["gptq"]:
+        out.append(f"| {r['n']} x {r['k']} | {r['act_order']} | {r['seconds']:.2f} | {r['peak_extra_gpu_mb']:.0f} | "
+                   f"{r['hessian_mb']:.0f} | {r['gptq_over_minmax']:.3f} |")
+    out += ["", "FP8 W8A8 (`torch._scaled_mm`, row-wise scales) vs bf16 `torch.matmul`, median ms (CUDA events):", "",
+            "| N x K | m | bf16 | FP8 (fused act. quant) | FP8 (eager act. quant) | `_scaled_mm` alone | "
+            "bf16 / FP8 | bf16 / `_scaled_mm` |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["fp8"]:
+        out.append(f"| {r['n']} x {r['k']} | {r['m']} | {r['bf16_ms']:.4f} | {r['fp8_ms']:.4f} | "
+                   f"{r['fp8_eager_quant_ms']:.4f} | {r['scaled_mm_only_ms']:.4f} | {r['speedup']:.2f} | "
+                   f"{r['scaled_mm_speedup']:.2f} |")
+    return out + [""]
+
+
 def _num(v) -> str:
     return "" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -146,6 +208,10 @@ def main() -> None:
                                  load("solvers_latency.json"))
     if load("dashboard_render.json"):
         parts += dashboard_section(load("dashboard_render.json"))
+    if load("quantizers.json"):
+        parts += quantizers_section(load("quantizers.json"))
+    if load("gpu_quant.json"):
+        parts += gpu_quant_section(load("gpu_quant.json"))
     groups = {"sensitivity_*.json": sensitivity_section, "hutchinson_*.json": hutchinson_section}
     for pattern, fn in groups.items():
         found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]

@@ -17,7 +17,9 @@ from typing import Any, Iterable, Mapping
 from mpq.errors import ConfigError
 
 FORMAT = "mpq.bitconfig"
-VERSION = 1
+VERSION = 2  # 2 added the FP8 format ("format" in layer bits); version 1 files read unchanged
+READS = (1, 2)
+FORMATS = ("int", "e4m3")
 WEIGHT_BITS = range(2, 9)  # 2..8
 ACT_BITS = (8, 16)  # integer 8 / 16-bit (or a 16-bit float format where the kernel says so); None keeps float
 GROUP_SIZES = (16, 32, 64, 128, 256, 512)
@@ -27,16 +29,18 @@ _NAME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+|f))?(?:g(?P<g>\d+))?$")
 
 @dataclass(frozen=True, order=True)
 class LayerBits:
-    """Bits of one layer: weight bits, activation bits and the weight group size.
+    """Bits of one layer: weight bits, activation bits, the weight group size, and the number format.
 
     ``w_bits=None`` keeps the weight in float, ``a_bits=None`` keeps activations in float, ``group_size=None`` means
-    one scale per output channel. The exact numerics (symmetric or not, scale dtype, how activations are scaled) are
-    the kernel's: see :meth:`mpq.registry.Kernel.scheme`.
+    one scale per output channel. ``fmt`` is ``int`` (integer levels) or ``e4m3`` (FP8 weights and activations,
+    named ``fp8``). The exact numerics (symmetric or not, scale dtype, how activations are scaled) are the kernel's:
+    see :meth:`mpq.registry.Kernel.scheme`.
     """
 
     w_bits: int | None = None
     a_bits: int | None = None
     group_size: int | None = None
+    fmt: str = "int"
 
     def __post_init__(self) -> None:
         if self.w_bits is not None and self.w_bits not in WEIGHT_BITS:
@@ -48,6 +52,11 @@ class LayerBits:
                 raise ConfigError(f"group size {self.group_size} given for float weights: a group needs w_bits")
             if self.group_size not in GROUP_SIZES:
                 raise ConfigError(f"group size {self.group_size!r} not allowed: use one of {GROUP_SIZES} or None")
+        if self.fmt not in FORMATS:
+            raise ConfigError(f"number format {self.fmt!r} not allowed: use one of {FORMATS}")
+        if self.fmt == "e4m3" and (self.w_bits, self.a_bits, self.group_size) != (8, 8, None):
+            raise ConfigError(f"FP8 (e4m3) is 8-bit weights and activations per channel/token, got "
+                              f"w_bits={self.w_bits}, a_bits={self.a_bits}, group_size={self.group_size}")
 
     @property
     def is_float(self) -> bool:
@@ -58,6 +67,8 @@ class LayerBits:
         """Short name: ``float``, ``w8a8``, ``w8a16``, ``w4a16g32``, ``w4af`` (float activations)."""
         if self.is_float:
             return "float"
+        if self.fmt == "e4m3":
+            return "fp8"
         if self.w_bits is None:
             raise ConfigError(f"float weights with {self.a_bits}-bit activations have no name: not supported")
         a = "f" if self.a_bits is None else str(self.a_bits)
@@ -70,6 +81,8 @@ class LayerBits:
         text = text.strip().lower()
         if text in ("float", "fp", "fp32", "none"):
             return FLOAT
+        if text in ("fp8", "fp8e4m3", "w8a8e4m3"):
+            return cls(8, 8, None, "e4m3")
         m = _NAME.match(text)
         if not m:
             raise ConfigError(f"cannot parse layer bits {text!r}: expected 'float' or e.g. 'w8a8', 'w4a16g128'")
@@ -80,15 +93,19 @@ class LayerBits:
             group_size=None if m["g"] is None else int(m["g"]),
         )
 
-    def to_dict(self) -> dict[str, int | None]:
-        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "group_size": self.group_size}
+    def to_dict(self) -> dict[str, int | str | None]:
+        d: dict[str, int | str | None] = {"w_bits": self.w_bits, "a_bits": self.a_bits, "group_size": self.group_size}
+        if self.fmt != "int":
+            d["format"] = self.fmt
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerBits:
-        unknown = set(d) - {"w_bits", "a_bits", "group_size"}
+        unknown = set(d) - {"w_bits", "a_bits", "group_size", "format"}
         if unknown:
-            raise ConfigError(f"unknown layer-bits keys {sorted(unknown)}: allowed are w_bits, a_bits, group_size")
-        return cls(d.get("w_bits"), d.get("a_bits"), d.get("group_size"))
+            raise ConfigError(f"unknown layer-bits keys {sorted(unknown)}: allowed are w_bits, a_bits, group_size, "
+                              f"format")
+        return cls(d.get("w_bits"), d.get("a_bits"), d.get("group_size"), d.get("format", "int"))
 
     def __str__(self) -> str:
         return self.name
@@ -177,8 +194,9 @@ class BitConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> BitConfig:
         if d.get("format") != FORMAT:
             raise ConfigError(f"not an mpq bit config: format is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") != VERSION:
-            raise ConfigError(f"bit config version {d.get('version')!r} is not supported: this mpq reads {VERSION}")
+        if d.get("version") not in READS:
+            raise ConfigError(f"bit config version {d.get('version')!r} is not supported: this mpq reads "
+                              f"{', '.join(map(str, READS))}")
         layers = d.get("layers")
         if not isinstance(layers, Mapping):
             raise ConfigError("bit config has no 'layers' mapping")

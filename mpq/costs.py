@@ -17,8 +17,8 @@ import pandas as pd
 
 from mpq.config import FLOAT, LayerBits
 from mpq.layers import LayerInfo, LayerInventory
-from mpq.quant import QuantScheme, torch_dtype
-from mpq.registry import kernel_for
+from mpq.quant import GenericNumerics, QuantScheme, torch_dtype
+from mpq.registry import kernel_for, scheme_for
 from mpq.space import SearchSpace
 
 RESOURCES = ("size_mb", "bops", "latency_ms")
@@ -39,9 +39,13 @@ def packed_weight_bytes(layer: LayerInfo, scheme: QuantScheme) -> int:
     return math.ceil(layer.n * k_pad * spec.bits / 8) + layer.n * groups * per_group + bias
 
 
-def layer_size_bytes(layer: LayerInfo, bits: LayerBits, device: str) -> int:
+def layer_size_bytes(layer: LayerInfo, bits: LayerBits, device) -> int:
+    """Bytes of ``layer`` at ``bits``: as the kernel of ``device`` stores it, or as generic numerics say (``device``
+    None or a :class:`~mpq.quant.GenericNumerics`: no padding beyond whole groups)."""
     if bits == FLOAT:
         return layer.float_bytes()
+    if device is None or isinstance(device, GenericNumerics):
+        return packed_weight_bytes(layer, scheme_for(layer, bits, device))
     return kernel_for(layer, bits, device).weight_bytes(layer, bits)
 
 

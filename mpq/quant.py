@@ -25,7 +25,9 @@ from torch import Tensor, nn
 
 from mpq.errors import CalibrationError, ConfigError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448: E4M3 (no infinities) as sm_89/sm_90 tensor cores use it
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -45,28 +47,45 @@ def _round_to(t: Tensor, dtype: str) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WeightQuantSpec:
-    """How a kernel stores a weight: bits, symmetry, group size (None = per output channel), scale dtype."""
+    """How a kernel stores a weight: bits, symmetry, group size (None = per output channel), scale dtype, and the
+    format of the levels: integers (``int``) or FP8 E4M3 values (``e4m3``: 8 bits, symmetric, ``w ~ q * s`` with q
+    an E4M3 number in ``[-448, 448]``)."""
 
     bits: int
     symmetric: bool = True
     group_size: int | None = None
     scale_dtype: str = "float32"
     zero_at_min: bool = False  # asymmetric only: the stored zero is level 0's value (offset m = 0)
+    fmt: str = "int"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"weight bits {self.bits} not allowed: use 2..8")
+        if self.fmt not in ("int", "e4m3"):
+            raise ConfigError(f"weight format {self.fmt!r} not allowed: use 'int' or 'e4m3'")
+        if self.fmt == "e4m3" and (self.bits != 8 or not self.symmetric):
+            raise ConfigError(f"FP8 E4M3 weights are 8-bit and symmetric, got bits={self.bits}, "
+                              f"symmetric={self.symmetric}")
         if self.group_size is not None and self.group_size < 1:
             raise ConfigError(f"group size {self.group_size} not allowed: use a positive size or None")
         torch_dtype(self.scale_dtype)
 
     @property
-    def qmin(self) -> int:
+    def qmin(self) -> float:
+        if self.fmt == "e4m3":
+            return -FP8_MAX
         return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
 
     @property
-    def qmax(self) -> int:
+    def qmax(self) -> float:
+        if self.fmt == "e4m3":
+            return FP8_MAX
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def level_dtype(self) -> torch.dtype:
+        """dtype of :attr:`QuantizedWeight.q`: int32 levels, or FP8 values held exactly in float32."""
+        return torch.float32 if self.fmt == "e4m3" else torch.int32
 
     @property
     def mid(self) -> int:
@@ -134,6 +153,8 @@ def group_params(lo: Tensor, hi: Tensor, spec: WeightQuantSpec) -> tuple[Tensor,
 
 def round_to_levels(w: Tensor, scale: Tensor, zero: Tensor | None, spec: WeightQuantSpec) -> Tensor:
     """Nearest integer level of ``w`` (scale and zero broadcast against it)."""
+    if spec.fmt == "e4m3":  # nearest E4M3 value (round-to-nearest-even in the cast)
+        return (w / scale).clamp(spec.qmin, spec.qmax).to(torch.float8_e4m3fn).float()
     if zero is None:
         return torch.round(w / scale).clamp(spec.qmin, spec.qmax)
     return torch.round((w - zero) / scale + spec.mid).clamp(spec.qmin, spec.qmax)
@@ -150,7 +171,7 @@ def quantize_grouped(wg: Tensor, lo: Tensor, hi: Tensor, spec: WeightQuantSpec, 
     scale, zero = group_params(lo, hi, spec)
     q = round_to_levels(wg, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1), spec)
     n = wg.shape[0]
-    return QuantizedWeight(q.reshape(n, -1).to(torch.int32), scale, zero, spec, tuple(shape), k)
+    return QuantizedWeight(q.reshape(n, -1).to(spec.level_dtype), scale, zero, spec, tuple(shape), k)
 
 
 def quantize_weight(weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
@@ -214,6 +235,15 @@ class ActQuantSpec:
         return 0, 2**bits - 1
 
 
+def fp8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """FP8 E4M3 values of ``x`` scaled per row of its last dim (``amax / 448``), and the ``[..., 1]`` float32
+    scales: what the FP8 kernel feeds ``torch._scaled_mm``; fake-quant calls it too."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def act_qparams(lo: Tensor, hi: Tensor, spec: ActQuantSpec) -> tuple[Tensor, Tensor]:
     """Scale and zero point of integer activations with range ``[lo, hi]`` (the zero point is 0 if symmetric).
 
@@ -245,6 +275,9 @@ def fake_quantize_activation(x: Tensor, spec: ActQuantSpec, lo: Tensor | None = 
     """Quantize-dequantize ``x`` as the kernel would; ``lo``/``hi`` are calibrated ranges for static specs."""
     if spec.is_float:
         return x
+    if spec.dtype == "float8_e4m3fn":
+        q, scale = fp8_per_token(x)
+        return (q.float() * scale).to(x.dtype)
     if spec.dtype != "int":
         return x.to(torch_dtype(spec.dtype)).to(x.dtype)
     xf = x.float()
@@ -295,8 +328,21 @@ class QuantScheme:
     out_dtype: str | None = None  # the kernel writes its GEMM output in this dtype (bias added after, in float)
 
 
+@dataclass(frozen=True)
+class GenericNumerics:
+    """Numerics where no kernel decides (device-free studies): weights symmetric or asymmetric with scales (and
+    zeros) stored in ``scale_dtype``; activations dynamic symmetric per-token integers. Pass one where a device is
+    expected (``scheme_for``, ``fake_quantize``) to emulate it; ``None`` there means ``GenericNumerics()``."""
+
+    symmetric: bool = True
+    scale_dtype: str = "float32"
+
+    def scheme(self, w_bits: int | None, a_bits: int | None, group_size: int | None) -> QuantScheme:
+        weight = None if w_bits is None else WeightQuantSpec(w_bits, self.symmetric, group_size, self.scale_dtype)
+        act = ActQuantSpec() if a_bits is None else ActQuantSpec(a_bits, "int", "token", dynamic=True, symmetric=True)
+        return QuantScheme(weight, act)
+
+
 def default_scheme(w_bits: int | None, a_bits: int | None, group_size: int | None) -> QuantScheme:
     """Numerics used where no kernel decides: symmetric weights, dynamic symmetric per-token integer activations."""
-    weight = None if w_bits is None else WeightQuantSpec(w_bits, symmetric=True, group_size=group_size)
-    act = ActQuantSpec() if a_bits is None else ActQuantSpec(a_bits, "int", "token", dynamic=True, symmetric=True)
-    return QuantScheme(weight, act)
+    return GenericNumerics().scheme(w_bits, a_bits, group_size)

@@ -41,7 +41,8 @@ _QUANTIZERS: dict[str, type[Quantizer]] = {}
 
 class Quantizer(ABC):
     """Chooses the integers of a weight in a given format. Stateless quantizers need only :meth:`quantize_new`;
-    data-driven ones also override :meth:`prepare`, which sees the model and calibration inputs once."""
+    data-driven ones also override :meth:`prepare`, which sees the model and calibration inputs once. An instance
+    belongs to one model: its cache and Hessians are keyed by layer name."""
 
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = False
@@ -130,26 +131,40 @@ class MSEQuantizer(Quantizer):
         return {"name": self.name, "grid": self.grid, "min_ratio": self.min_ratio}
 
     def quantize_new(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
-        wg, k = grouped(weight, spec)
-        lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-        real = (torch.arange(wg.shape[1] * wg.shape[2]) < k).reshape(1, *wg.shape[1:])  # not K's zero padding
+        return mse_quantize(weight, spec, self.grid, self.min_ratio)
 
-        def group_error(c_lo: Tensor, c_hi: Tensor) -> Tensor:
-            scale, zero = group_params(c_lo, c_hi, spec)
-            s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
-            diff = levels_to_values(round_to_levels(wg, s, z, spec), s, z, spec).double() - wg.double()
-            return (diff.pow(2) * real).sum(-1)
 
-        best_lo, best_hi, best_err = lo, hi, group_error(lo, hi)  # ratio 1 is min-max itself, exactly
-        for ratio in torch.linspace(1.0, self.min_ratio, self.grid + 1)[1:].tolist():
-            # Asymmetric ranges shrink towards their midpoint; symmetric ones towards zero.
-            c_lo, c_hi = (lo * ratio, hi * ratio) if spec.symmetric else \
-                ((lo + hi) / 2 - (hi - lo) / 2 * ratio, (lo + hi) / 2 + (hi - lo) / 2 * ratio)
-            err = group_error(c_lo, c_hi)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
-        return quantize_grouped(wg, best_lo, best_hi, spec, tuple(weight.shape), k)
+def mse_quantize(weight: Tensor, spec: WeightQuantSpec, grid: int = 20, min_ratio: float = 0.5) -> QuantizedWeight:
+    """Round ``weight`` to the levels of its MSE-clipped group ranges (K's zero padding left out of the error)."""
+    wg, k = grouped(weight, spec)
+    real = (torch.arange(wg.shape[1] * wg.shape[2]) < k).reshape(1, *wg.shape[1:])
+    return quantize_grouped(wg, *mse_ranges(wg, spec, grid, min_ratio, real), spec, tuple(weight.shape), k)
+
+
+def mse_ranges(wg: Tensor, spec: WeightQuantSpec, grid: int = 20, min_ratio: float = 0.5,
+               real: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-group ``(lo, hi)`` of ``[N, groups, group]`` values: min-max shrunk by the ratio of ``grid`` ratios in
+    ``[min_ratio, 1]`` with the least squared error over the ``real`` (not padding) entries. Ratio 1 is min-max
+    itself, exactly, so the error never exceeds min-max's."""
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    mask = torch.ones_like(wg, dtype=torch.bool) if real is None else real
+
+    def group_error(c_lo: Tensor, c_hi: Tensor) -> Tensor:
+        scale, zero = group_params(c_lo, c_hi, spec)
+        s, z = scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)
+        diff = levels_to_values(round_to_levels(wg, s, z, spec), s, z, spec).double() - wg.double()
+        return (diff.pow(2) * mask).sum(-1)
+
+    best_lo, best_hi, best_err = lo, hi, group_error(lo, hi)
+    for ratio in torch.linspace(1.0, min_ratio, grid + 1)[1:].tolist():
+        # Asymmetric ranges shrink towards their midpoint; symmetric ones towards zero.
+        c_lo, c_hi = (lo * ratio, hi * ratio) if spec.symmetric else \
+            ((lo + hi) / 2 - (hi - lo) / 2 * ratio, (lo + hi) / 2 + (hi - lo) / 2 * ratio)
+        err = group_error(c_lo, c_hi)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, c_lo, best_lo), torch.where(better, c_hi, best_hi)
+    return best_lo, best_hi
 
 
 @register_quantizer
@@ -158,26 +173,30 @@ class GPTQQuantizer(Quantizer):
 
     ``damp`` is the fraction of the mean Hessian diagonal added to it; ``block`` columns are updated lazily at a
     time; ``act_order`` rounds columns by decreasing Hessian diagonal (group ranges are then taken from the original
-    weights, "static groups", so that groups stay contiguous as the kernels store them). Layers without a Hessian
-    (embeddings are lookups) fall back to min-max. ``max_batches`` bounds the calibration inputs used; Hessians are
-    collected for ``layers_per_pass`` layers per pass over them, which bounds memory to those layers' ``K x K``.
+    weights, "static groups", so that groups stay contiguous as the kernels store them); ``clip`` chooses each group's
+    range by MSE clipping as the ``mse`` quantizer does (GPTQ's reference code offers the same). Layers without a
+    Hessian (embeddings are lookups) fall back to min-max, or to MSE clipping with ``clip``.
+
+    Memory: one float32 ``K x K`` Hessian per distinct layer input, kept for the search (layers fed the same tensor,
+    like q/k/v or gate/up, share one); collection runs over ``layers_per_pass`` layers per pass over the calibration
+    inputs (``max_batches`` of them), and the rounding of one layer needs its weight, its Hessian and the inverse.
     """
 
     name = "gptq"
     needs_calibration = True
 
-    def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = False, max_batches: int | None = None,
-                 layers_per_pass: int | None = None, device: str | None = None):
+    def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = False, clip: bool = False,
+                 max_batches: int | None = None, layers_per_pass: int | None = None, device: str | None = None):
         super().__init__()
         if not 0 <= damp < 1 or block < 1:
             raise ConfigError(f"gptq quantizer: damp {damp} must be in [0, 1) and block {block} >= 1")
-        self.damp, self.block, self.act_order = damp, block, act_order
+        self.damp, self.block, self.act_order, self.clip = damp, block, act_order, clip
         self.max_batches, self.layers_per_pass, self.device = max_batches, layers_per_pass, device
         self.hessians: dict[str, Tensor] = {}
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "damp": self.damp, "block": self.block, "act_order": self.act_order,
-                "max_batches": self.max_batches}
+                "clip": self.clip, "max_batches": self.max_batches}
 
     # --- calibration ------------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, inputs: Iterable[Any], inventory: LayerInventory) -> GPTQQuantizer:
@@ -199,21 +218,31 @@ class GPTQQuantizer(Quantizer):
 
     # --- rounding -----------------------------------------------------------------------------------------------------
     def quantize_new(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
-        if layer not in self.hessians:
-            log.debug("gptq: layer %r has no calibration Hessian (a lookup, or not run): min-max", layer)
-            return quantize_weight(weight, spec)
+        if layer not in self.hessians:  # a lookup (embedding), or a layer the calibration inputs never reached
+            return mse_quantize(weight, spec) if self.clip else quantize_weight(weight, spec)
         return gptq_quantize(weight, self.hessians[layer], spec, damp=self.damp, block=self.block,
-                             act_order=self.act_order, device=self.device)
+                             act_order=self.act_order, clip=self.clip, device=self.device)
 
 
 def collect_hessians(model: nn.Module, batches: list[Any], names: list[str]) -> dict[str, Tensor]:
-    """``2/n sum x x^T`` over every input row ``x`` (length K) that reaches each named layer, in float32."""
+    """``2/n sum x x^T`` over every input row ``x`` (length K) that reaches each named layer, in float32. Layers that
+    are always fed the very same tensor as an earlier one (q/k/v, gate/up) get that layer's Hessian object, computed
+    and stored once."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
     modules = {n: model.get_submodule(n) for n in names}
+    # The input of the last hooked call and its first layer: held, so no new tensor can take its identity.
+    last: dict[str, Any] = {"input": None, "layer": None, "module": None}
+    shares: dict[str, set[str | None]] = {n: set() for n in names}  # per layer: who it shared with, every call
 
     def hook(name: str):
         def fn(mod: nn.Module, args):
+            same = args[0] is last["input"] and _same_gemm(mod, last["module"])
+            if not same:
+                last.update(input=args[0], layer=name, module=mod)
+            shares[name].add(last["layer"] if same else None)
+            if same:  # accumulated under that layer; resolved below if it shared on every call
+                return
             x = gemm_rows(mod, args[0].detach())
             h = x.t() @ x
             sums[name] = h if name not in sums else sums[name] + h
@@ -225,10 +254,31 @@ def collect_hessians(model: nn.Module, batches: list[Any], names: list[str]) -> 
         with torch.no_grad():
             for inputs in batches:
                 call_model(model, inputs)
+                last.update(input=None, layer=None, module=None)
     finally:
         for h in handles:
             h.remove()
-    return {n: (2.0 / counts[n]) * sums[n].cpu() for n in names if counts[n]}
+    alias = {n: next(iter(s)) for n, s in shares.items() if len(s) == 1 and None not in s}
+    if any(len(s) > 1 for s in shares.values()):  # shared on some calls only: cannot alias; measure it alone
+        mixed = [n for n, s in shares.items() if len(s) > 1]
+        raise ConfigError(f"gptq: layers {mixed} share their input with another layer on some calls only; "
+                          f"collect their Hessians separately (layers_per_pass=1)")
+    for n in names:
+        k = sums[n].shape[0] if n in sums else 0
+        if 0 < counts[n] < 2 * k:  # measured: 4096 rows for K = 4096 made GPTQ worse than min-max on new inputs
+            log.warning("gptq: layer %r saw %d input rows for K=%d columns: a Hessian from fewer than ~2K rows "
+                        "over-fits the calibration set; give more calibration data", n, counts[n], k)
+    out = {n: (2.0 / counts[n]) * sums[n].cpu() for n in names if counts[n] and n not in alias}
+    out.update({n: out[first] for n, first in alias.items() if first in out})
+    return out
+
+
+def _same_gemm(a: nn.Module, b: nn.Module | None) -> bool:
+    """Whether two layers turn the same input into the same GEMM rows (both linear, or convs of one geometry)."""
+    if b is None or isinstance(a, (nn.Conv1d, nn.Conv2d)) != isinstance(b, (nn.Conv1d, nn.Conv2d)):
+        return False
+    conv = ("kernel_size", "stride", "padding", "dilation", "groups")
+    return all(getattr(a, f, None) == getattr(b, f, None) for f in conv) and type(a) is type(b)
 
 
 def gemm_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -247,8 +297,10 @@ def gemm_rows(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, spec: WeightQuantSpec, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False, device: str | torch.device | None = None) -> QuantizedWeight:
-    """GPTQ rounding of ``weight`` (``[N, ...]``, K = the rest) against the input Hessian ``hessian`` (``K x K``)."""
+                  act_order: bool = False, clip: bool = False,
+                  device: str | torch.device | None = None) -> QuantizedWeight:
+    """GPTQ rounding of ``weight`` (``[N, ...]``, K = the rest) against the input Hessian ``hessian`` (``K x K``).
+    ``clip`` takes each group's range by MSE clipping (:func:`mse_ranges`) instead of its min and max."""
     dev = torch.device(device) if device else weight.device
     w = weight.detach().float().reshape(weight.shape[0], -1).to(dev).clone()
     n, k = w.shape
@@ -266,7 +318,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: WeightQuantSpec, damp: 
     zero = None if spec.symmetric else torch.empty_like(scale)
 
     def set_group(gi: int, cols: Tensor) -> None:
-        s, z = group_params(cols.amin(dim=1), cols.amax(dim=1), spec)
+        if clip:
+            real = (torch.arange(g, device=dev) + gi * g < k).reshape(1, 1, g)
+            lo, hi = (r.squeeze(1) for r in mse_ranges(cols.unsqueeze(1), spec, real=real))
+        else:
+            lo, hi = cols.amin(dim=1), cols.amax(dim=1)
+        s, z = group_params(lo, hi, spec)
         scale[:, gi] = s
         if zero is not None:
             zero[:, gi] = z
@@ -306,7 +363,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: WeightQuantSpec, damp: 
         pad_levels = round_to_levels(torch.zeros(n, kp - k, device=dev), scale[:, -1:], None if zero is None else
                                      zero[:, -1:], spec)
         q_pad[:, k:] = pad_levels
-    return QuantizedWeight(q_pad.to(torch.int32).cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec,
+    return QuantizedWeight(q_pad.to(spec.level_dtype).cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec,
                            tuple(weight.shape), k)
 
 

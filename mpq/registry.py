@@ -112,7 +112,7 @@ def layer_options(layer: LayerInfo, device: str) -> dict[LayerBits, Kernel]:
 
 def option_order(bits: LayerBits) -> tuple:
     """Most bits first (float, then 8-bit, ..., smaller groups last): the order options are listed in."""
-    return (-(bits.w_bits or 99), -(bits.a_bits or 99), -(bits.group_size or 10**6))
+    return (-(bits.w_bits or 99), -(bits.a_bits or 99), -(bits.group_size or 10**6), bits.fmt)
 
 
 def allowed_text(options) -> str:
@@ -130,14 +130,15 @@ def kernel_for(layer: LayerInfo, bits: LayerBits, device: str) -> Kernel:
         f"kernel on {normalize_device(device)}; allowed: {allowed_text(opts)}")
 
 
-def scheme_for(layer: LayerInfo, bits: LayerBits, device: str | None) -> QuantScheme | None:
-    """Numerics of ``bits`` for ``layer``: the kernel's on ``device``, the generic default when ``device`` is None."""
+def scheme_for(layer: LayerInfo, bits: LayerBits, device) -> QuantScheme | None:
+    """Numerics of ``bits`` for ``layer``: the kernel's on ``device``; with ``device`` a
+    :class:`~mpq.quant.GenericNumerics` (or None, its defaults), those generic numerics."""
+    from mpq.quant import GenericNumerics
+
     if bits == FLOAT:
         return None
-    if device is None:
-        from mpq.quant import default_scheme
-
-        return default_scheme(bits.w_bits, bits.a_bits, bits.group_size)
+    if device is None or isinstance(device, GenericNumerics):
+        return (device or GenericNumerics()).scheme(bits.w_bits, bits.a_bits, bits.group_size)
     return kernel_for(layer, bits, device).scheme(bits)
 
 

@@ -81,6 +81,9 @@ def render_report(run_dir: str | Path) -> str:
     parts.append(f"- sensitivity: `{run.get('estimator')}`: {probes}{sc.get('forward_passes')} forward / "
                  f"{sc.get('backward_passes')} backward passes, {_fmt(sc.get('seconds'))} s{converged}"
                  + (" (reused from an earlier run)" if sc.get("reused") else ""))
+    q = dict(run.get("quantizer") or {"name": "minmax"})
+    parts.append(f"- rounding: quantizer `{q.pop('name')}`" + (f" ({', '.join(f'{k}={v}' for k, v in q.items())})"
+                                                              if q else ""))
     pr = run.get("profile", {})
     parts.append(f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('backend')}`: "
                  f"{pr.get('measured')} measured, {pr.get('cache_hits')} from the profile cache "

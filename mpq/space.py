@@ -6,7 +6,7 @@ The search never picks what cannot run, because the options come from the kernel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 from mpq.config import FLOAT, BitConfig, LayerBits
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers
+from mpq.quant import GenericNumerics
 from mpq.quantizers import MinMaxQuantizer, Quantizer
 from mpq.registry import allowed_text, layer_options, normalize_device, option_order
 
@@ -23,7 +24,7 @@ class SearchSpace:
     """Allowed options per layer (float first), with a note for layers that some kernel could not take, and the
     quantizer that chooses the integers of every option (estimators, fake-quant and ``apply`` all use it)."""
 
-    device: str | None  # None: generic numerics, no kernels (see generic_space)
+    device: Any  # a device name, or generic numerics (None or a GenericNumerics: no kernels, see generic_space)
     options: Mapping[str, tuple[LayerBits, ...]]
     notes: Mapping[str, str] = field(default_factory=dict)
     quantizer: Quantizer = field(default_factory=MinMaxQuantizer)
@@ -93,18 +94,19 @@ def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: 
 
 def generic_space(inventory: LayerInventory, weight_bits: Iterable[int] = (2, 3, 4, 6, 8),
                   act_bits: Iterable[int | None] = (None, 8), group_sizes: Iterable[int | None] = (None,),
-                  quantizer: Quantizer | None = None) -> SearchSpace:
+                  quantizer: Quantizer | None = None, numerics: GenericNumerics | None = None) -> SearchSpace:
     """A device-free space for studying sensitivity and rounding (``device=None``: fake-quant with the generic
     numerics of :func:`mpq.quant.default_scheme`): every weight bit-width at each group size (None: per channel),
     with each activation width. Embeddings get the weight-only options. Groups wider than a layer's K are left out
-    (they would only pad). Not for deployment: no kernel is promised to run these."""
+    (they would only pad). ``numerics`` says how weights are stored (default: symmetric, float32 scales). Not for
+    deployment: no kernel is promised to run these."""
     options = {}
     for layer in inventory:
         acts = [None] if layer.kind == "embedding" else list(act_bits)
         groups = [g for g in group_sizes if g is None or g < layer.k] or [None]
         options[layer.name] = (FLOAT,) + tuple(LayerBits(w, a, g) for w in sorted(weight_bits, reverse=True)
                                                for g in groups for a in acts)
-    return SearchSpace(None, options, quantizer=quantizer or MinMaxQuantizer())
+    return SearchSpace(numerics, options, quantizer=quantizer or MinMaxQuantizer())
 
 
 def validate_config(config: BitConfig, model: nn.Module, device: str = "cpu", example_input=None,

@@ -28,13 +28,26 @@ def test_digits_accuracy(digits_task):
     assert acc == pytest.approx(meta["top1"], abs=1e-6)
 
 
-def test_char_lm_perplexity():
-    task = load_reference("char-lm")
-    meta = json.loads(checkpoint_path("char-lm").with_suffix(".json").read_text())
+@pytest.mark.parametrize("name", ["char-lm", "llama-lm"])
+def test_lm_perplexity(name):
+    task = load_reference(name)
+    meta = json.loads(checkpoint_path(name).with_suffix(".json").read_text())
     ppl = task.eval_fn(task.model)
     assert 1.5 < ppl < 4.5  # bytes of Python source: the stdlib is held out by file
     if sys.version.split()[0] == meta["python"]:
         assert ppl == pytest.approx(meta["perplexity"], rel=1e-4)
+
+
+def test_llama_lm_has_llama_blocks_and_a_tied_head():
+    from mpq.layers import discover_layers
+
+    task = load_reference("llama-lm", eval_windows_n=4)
+    inv = discover_layers(task.model, task.calib[0][0])
+    names = set(inv.names)
+    assert {"blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.mlp.gate_proj", "head"} <= names
+    assert inv["blocks.0.attn.k_proj"].weight_shape == (64, 128)  # 2 key/value heads of 32 for 4 query heads
+    assert inv["head"].tied_to == "tok" and "tok" in {m.name for m in inv.kept_float}
+    assert task.model.head.weight is task.model.tok.weight
 
 
 def test_digits_training_is_deterministic():

@@ -163,3 +163,20 @@ def test_embedding_options_are_weight_only_and_tied_head_is_counted_once():
     plain = nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 4))
     opts = mpq.build_search_space(discover_layers(plain, ids), "cpu")["0"]
     assert [b.name for b in opts] == ["float", "w8af", "w4af", "w2af"]
+
+
+def test_layers_fed_one_tensor_share_one_hessian():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x) + torch.cat([self.k(x), self.v(x)], -1))
+
+    model = QKV()
+    batches = [torch.randn(5, 8), torch.randn(3, 8)]
+    h = collect_hessians(model, batches, ["q", "k", "v", "o"])
+    assert h["q"] is h["k"] is h["v"] and h["o"] is not h["q"]
+    alone = collect_hessians(model, batches, ["v"])["v"]
+    torch.testing.assert_close(h["v"], alone)

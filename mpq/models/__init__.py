@@ -3,6 +3,7 @@
 - ``digits-cnn``: a small CNN on ``sklearn.datasets.load_digits`` (metric: top-1 accuracy on a held-out split).
 - ``char-lm``: a byte-level transformer LM on the Python standard library's own source (metric: perplexity on
   held-out files).
+- ``llama-lm``: the same task with Llama's block (RMSNorm, rotary, grouped-query attention, gated MLP, tied head).
 
 Checkpoints are small, committed under ``checkpoints/``, loaded with ``weights_only=True``, and reproducible with
 ``python -m mpq.models.train NAME``.
@@ -39,7 +40,7 @@ class ReferenceTask:
     heldout: list[tuple[Any, Any]] = field(default_factory=list)  # the evaluation data as (inputs, targets) batches
 
 
-_TASKS = {"digits-cnn": "mpq.models.digits", "char-lm": "mpq.models.charlm"}
+_TASKS = {"digits-cnn": "mpq.models.digits", "char-lm": "mpq.models.charlm", "llama-lm": "mpq.models.llamalm"}
 
 
 def reference_names() -> list[str]:

@@ -151,13 +151,14 @@ def perplexity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_
 
 
 def train(steps: int = 2500, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
-          cfg: LMConfig = LMConfig(), log_every: int = 100) -> tuple[nn.Module, dict]:
+          cfg: LMConfig = LMConfig(), log_every: int = 100, build=None) -> tuple[nn.Module, dict]:
+    """Train ``build(cfg)`` (default :class:`CharLM`; ``llama-lm`` reuses this loop) on the training files."""
     import logging
 
     log = logging.getLogger(__name__)
     torch.manual_seed(seed)
     data = corpus("train")
-    model = CharLM(cfg)
+    model = (build or CharLM)(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -182,16 +183,21 @@ def train(steps: int = 2500, lr: float = 3e-3, batch_size: int = 32, seed: int =
     return model, meta
 
 
-def load_task(eval_windows_n: int = EVAL_WINDOWS):
+def stdlib_lm_task(name: str, model: nn.Module, what: str, eval_windows_n: int = EVAL_WINDOWS):
+    """The reference task of a byte-level LM on the stdlib corpus: ``model`` with the checkpoint ``name`` loaded,
+    calibration windows, and perplexity on held-out windows."""
     from mpq.models import ReferenceTask, load_checkpoint
 
-    model = CharLM()
-    meta = load_checkpoint(model, NAME)
+    meta = load_checkpoint(model, name)
     model.eval()
     test = eval_windows(model.cfg, eval_windows_n)
     return ReferenceTask(
-        name=NAME, model=model, calib=calibration_batches(model.cfg), eval_fn=lambda m: perplexity(m, test),
+        name=name, model=model, calib=calibration_batches(model.cfg), eval_fn=lambda m: perplexity(m, test),
         metric="perplexity", higher_is_better=False,
-        description=f"byte-level 4-layer transformer LM on the Python stdlib, perplexity on {eval_windows_n} "
-                    f"held-out windows of {model.cfg.ctx} bytes", info=meta,
+        description=f"{what} on the Python stdlib, perplexity on {eval_windows_n} held-out windows of "
+                    f"{model.cfg.ctx} bytes", info=meta,
         heldout=[(test[0][i:i + 16], test[1][i:i + 16]) for i in range(0, len(test[0]), 16)])
+
+
+def load_task(eval_windows_n: int = EVAL_WINDOWS):
+    return stdlib_lm_task(NAME, CharLM(), "byte-level 4-layer transformer LM", eval_windows_n)

@@ -2,6 +2,7 @@
 
     python -m mpq.models.train digits-cnn
     python -m mpq.models.train char-lm
+    python -m mpq.models.train llama-lm
 
 Checkpoints are stored in fp16 to stay under 2 MB; the metric in the metadata is measured after that rounding, on
 the weights as they load.
@@ -10,6 +11,7 @@ the weights as they load.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import platform
@@ -17,7 +19,7 @@ import time
 
 import torch
 
-from mpq.models import CHECKPOINTS, checkpoint_path
+from mpq.models import _TASKS, CHECKPOINTS, checkpoint_path, reference_names
 
 log = logging.getLogger("mpq.models.train")
 
@@ -32,21 +34,15 @@ def save(model: torch.nn.Module, name: str, meta: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=["digits-cnn", "char-lm"])
+    parser.add_argument("name", choices=reference_names())
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    if args.name == "digits-cnn":
-        from mpq.models import digits as mod
-
-        model, meta = mod.train()
-    else:
-        from mpq.models import charlm as mod
-
-        model, meta = mod.train()
+    mod = importlib.import_module(_TASKS[args.name])
+    model, meta = mod.train()
     meta.update({"torch": torch.__version__, "machine": platform.machine(),
                  "train_seconds": round(time.time() - t0, 1)})
     save(model, args.name, meta)
