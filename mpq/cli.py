@@ -75,10 +75,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="intra-op threads for latency measurement (default: torch's)")
 
     s = sub.add_parser("search", help="find per-layer bits under a budget and write a run directory")
-    common(s)
-    s.add_argument("--budget", required=True, action="append",
+    common(s, model_required=False)
+    s.add_argument("--budget", action="append",
                    help="e.g. size=0.3 (of float), latency=0.6, size_mb=0.5, latency_ms=2, bops=1e9; repeatable")
-    s.add_argument("--out", required=True, help="run directory to write")
+    s.add_argument("--out", help="run directory to write")
+    s.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue an interrupted search in RUN with its own arguments: finished sensitivities and "
+                        "measured latencies are reused, not measured again")
     s.add_argument("--sensitivity", default=_default(search, "sensitivity"),
                    help="estimator or weighted combination, e.g. hessian, lrp, '0.7*hessian+0.3*decoupled'")
     s.add_argument("--quantizer", default=_default(search, "quantizer"), choices=available_quantizers(),
@@ -95,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cache", action="store_true", help="measure every workload again")
 
     pr = sub.add_parser("profile", help="measure every (layer, option) workload of a model and print the table")
-    common(pr)
+    common(pr, model_required=False)
+    pr.add_argument("--export", default=None, metavar="FILE.parquet",
+                    help="write the profile cache (every device, or --fingerprint's) to Parquet; no --model needed")
+    pr.add_argument("--import", dest="import_", default=None, metavar="FILE.parquet",
+                    help="merge a Parquet export into the profile cache (newer measurements win)")
+    pr.add_argument("--fingerprint", default=None, help="with --export: only this device fingerprint id")
+    pr.add_argument("--cache", default=None, help="profile cache file (default: ~/.cache/mpq/profiles.sqlite)")
     pr.add_argument("--profile", default=_default(profile_workloads, "backend"), choices=["ray", "inprocess"])
     pr.add_argument("--address", default=None)
     pr.add_argument("--repeats", type=int, default=_default(profile_workloads, "repeats"))
@@ -132,11 +141,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+SEARCH_ARGS = "search_args.json"  # what a run directory needs to be resumed
+
+
+def _resume_args(args) -> argparse.Namespace:
+    """The arguments an interrupted search in ``args.resume`` was started with (its run directory kept them)."""
+    path = Path(args.resume) / SEARCH_ARGS
+    if not path.exists():
+        raise SystemExit(f"mpq: {args.resume} holds no {SEARCH_ARGS}: it is not the run directory of a search "
+                         f"started from the command line")
+    saved = json.loads(path.read_text())
+    given = {k: v for k, v in vars(args).items() if k in ("verbose", "quiet")}
+    return argparse.Namespace(**{**saved, **given, "out": str(args.resume), "resume": args.resume})
+
+
 def cmd_search(args) -> int:
     from mpq.api import search
     from mpq.budget import Budget
     from mpq.report import summary_line
 
+    if args.resume:
+        args = _resume_args(args)
+        log.info("resuming the search in %s", args.out)
+    missing = [f"--{k}" for k in ("model", "budget", "out") if not getattr(args, k)]
+    if missing:
+        raise SystemExit(f"mpq search: {', '.join(missing)} required (or --resume RUN)")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / SEARCH_ARGS).write_text(json.dumps({k: v for k, v in vars(args).items()
+                                                          if k not in ("cmd", "resume")}, indent=2))
     task = load_task(args.model, args.eval, args.data)
     budget = Budget.parse(",".join(args.budget))
     command = "mpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
@@ -159,12 +191,25 @@ def cmd_profile(args) -> int:
     from mpq.space import build_search_space
     from mpq.workers import profile_workloads, workloads_for
 
+    from mpq.workers import ProfileCache
+
+    if args.export or args.import_:
+        store = ProfileCache(args.cache)
+        if args.import_:
+            print(f"imported {store.import_file(args.import_)} profiles from {args.import_} into {store.path}")
+        if args.export:
+            print(f"exported {store.export(args.export, args.fingerprint)} profiles from {store.path} to "
+                  f"{args.export}")
+        return 0
+    if not args.model:
+        raise SystemExit("mpq profile: give --model (to measure), or --export/--import (to move a table)")
     task = load_task(args.model, args.eval, args.data)
     inv = discover_layers(task.model, task.calib[0][0])
     space = build_search_space(inv, args.device)
     workloads, _ = workloads_for(inv, space, args.batch_size)
     table = profile_workloads(workloads, args.device, backend=args.profile, address=args.address,
-                              cache=not args.no_cache, threads=args.threads, repeats=args.repeats,
+                              cache=False if args.no_cache else (args.cache or True), threads=args.threads,
+                              repeats=args.repeats,
                               progress=not args.quiet)
     if args.out:
         table.save(args.out)

@@ -31,6 +31,13 @@ CREATE TABLE IF NOT EXISTS profiles (
 ROW_FIELDS = ["median_ms", "q1_ms", "q3_ms", "mean_ms", "std_ms", "repeats", "inner", "measured_at", "measured_by"]
 
 
+def _plain(v: Any) -> Any:
+    """A value SQLite can store: numpy scalars to Python ones, NaN/NA to NULL."""
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
 def default_cache_dir() -> Path:
     if os.environ.get("MPQ_CACHE_DIR"):
         return Path(os.environ["MPQ_CACHE_DIR"])
@@ -94,6 +101,48 @@ class ProfileCache:
                 f"INSERT OR REPLACE INTO profiles VALUES (?, ?, {', '.join('?' * len(ROW_FIELDS))})",
                 [(fingerprint_id, r["key"], *(r.get(f) for f in ROW_FIELDS)) for r in rows])
         return len(rows)
+
+    # --- moving tables between clusters ------------------------------------------------------------------------------
+    def export(self, path: str | Path, fingerprint_id: str | None = None) -> int:
+        """Write the profiles (of one device fingerprint, or all) with their fingerprints to a Parquet file."""
+        import pandas as pd
+
+        query = (f"SELECT p.fingerprint_id, f.fingerprint, p.workload_key, {', '.join('p.' + c for c in ROW_FIELDS)} "
+                 f"FROM profiles p JOIN fingerprints f USING (fingerprint_id)")
+        args: tuple = ()
+        if fingerprint_id is not None:
+            query, args = query + " WHERE p.fingerprint_id = ?", (fingerprint_id,)
+        with self._connect() as conn:
+            frame = pd.read_sql_query(query, conn, params=args)
+        frame.to_parquet(path, index=False)
+        return len(frame)
+
+    def import_file(self, path: str | Path) -> int:
+        """Merge a Parquet file written by :meth:`export`; rows for the same (device, workload) are replaced by the
+        more recently measured one."""
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        need = ["fingerprint_id", "fingerprint", "workload_key", *ROW_FIELDS]
+        missing = [c for c in need if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path} is not an mpq profile export: columns {missing} are missing (need {need})")
+        if not frame["median_ms"].map(lambda v: v == v and v > 0).all():
+            raise ValueError(f"{path}: a median_ms is not a positive number; refusing to import it")
+        existing = {}
+        for fid in frame["fingerprint_id"].unique():
+            keys = frame.loc[frame["fingerprint_id"] == fid, "workload_key"]
+            existing.update({(fid, k): v for k, v in self.get(fid, keys).items()})
+        newer = [r for r in frame.to_dict("records")
+                 if (r["fingerprint_id"], r["workload_key"]) not in existing
+                 or str(r["measured_at"]) >= str(existing[(r["fingerprint_id"], r["workload_key"])]["measured_at"])]
+        with self._connect() as conn:
+            conn.executemany("INSERT OR REPLACE INTO fingerprints VALUES (?, ?)",
+                             sorted({(r["fingerprint_id"], r["fingerprint"]) for r in newer}))
+            conn.executemany(
+                f"INSERT OR REPLACE INTO profiles VALUES (?, ?, {', '.join('?' * len(ROW_FIELDS))})",
+                [(r["fingerprint_id"], r["workload_key"], *(_plain(r[f]) for f in ROW_FIELDS)) for r in newer])
+        return len(newer)
 
     def count(self, fingerprint_id: str | None = None) -> int:
         with self._connect() as conn:
