@@ -59,8 +59,9 @@ def gptq_cost(n: int, k: int, act_order: bool, rows: int = 65536, chunk: int = 4
     xe = correlated_rows(2048, k, torch.Generator().manual_seed(1), "cpu")  # inputs GPTQ never saw
     wc = w.cpu()
     err = {name: float(((xe @ (q.dequantize() - wc).t()) ** 2).mean()) for name, q in (("gptq", qw), ("minmax", mm))}
-    return {"n": n, "k": k, "act_order": act_order, "calibration_rows": rows, "seconds": seconds, "peak_extra_gpu_mb": peak / 1e6,
-            "hessian_mb": k * k * 4 / 1e6, "output_mse": err, "gptq_over_minmax": err["gptq"] / err["minmax"]}
+    return {"n": n, "k": k, "act_order": act_order, "calibration_rows": rows, "seconds": seconds,
+            "peak_extra_gpu_mb": peak / 1e6, "hessian_mb": k * k * 4 / 1e6, "output_mse": err,
+            "gptq_over_minmax": err["gptq"] / err["minmax"]}
 
 
 def time_cuda(fns: dict, repeats: int = 50, warmup: int = 10) -> dict[str, float]:

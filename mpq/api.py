@@ -260,9 +260,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         calib = CalibrationSet.from_any(calib_data)
         calib.check(model)
         inventory = discover_layers(model, calib.example)
-        quant = get_quantizer(quantizer, **(quantizer_options or {}))
-        if quant.needs_calibration and not quant.prepared:
-            quant.prepare(model, calib.inputs(), inventory)
+        quant = prepared_quantizer(get_quantizer(quantizer, **(quantizer_options or {})), model, calib, inventory)
         space = replace(build_search_space(inventory, dev, allowed, pinned), quantizer=quant)
         example = calib.example if batch_size is None else _resize_batch(calib.example, batch_size)
         stages["discover"] = time.perf_counter() - t_start
@@ -271,7 +269,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         key = hashlib.sha1(json.dumps({
             "model": _hash_model(model), "calib": _hash_calib(calib), "estimator": str(sensitivity),
             "options": dict(sensitivity_options or {}), "space": space.to_frame().to_dict("list"), "device": dev,
-            "loss": getattr(loss_fn, "__qualname__", None), "quantizer": quant.settings()}, sort_keys=True, default=str).encode()).hexdigest()
+            "loss": getattr(loss_fn, "__qualname__", None), "quantizer": quant.settings()},
+            sort_keys=True, default=str).encode()).hexdigest()
         sens = _sensitivity_stage(model, calib, space, inventory, sensitivity, sensitivity_options, loss_fn,
                                   progress, out, key)
         stages["sensitivity"] = time.perf_counter() - t0
@@ -312,7 +311,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         "budget": budget.given(), "budget_text": str(budget), "limits": limits,
         "reference": costs.reference.as_dict(), "fixed": costs.fixed, "float_layers_latency_ms": costs.float_layers_ms,
         "batch_size": batch_size or calib.batch_size, "threads": threads,
-        "estimator": sens.estimator, "quantizer": quant.settings(), "sensitivity_cost": sens.cost, "solver": allocation.solver,
+        "estimator": sens.estimator, "quantizer": quant.settings(), "sensitivity_cost": sens.cost,
+        "solver": allocation.solver,
         "tie_tolerance": tie_tolerance, "sensitivity_tables": sorted(sens.tables),
         "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
         "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
@@ -343,9 +343,10 @@ def sensitivity_report(model: nn.Module, calib_data: Any, heldout_data: Any,
 
     Each estimator runs on ``calib_data``; the truth is the loss increase on ``heldout_data`` of every single-layer
     option and of ``n_configs`` random mixed configs. The options are those of ``device``'s kernels, or, with
-    ``device=None``, a generic 2-8-bit space (:func:`mpq.space.generic_space`) that spans more damage. Returns an ``EstimatorReport`` (``.table`` holds Kendall tau
-    and Spearman rho per estimator, per option and per config, with each estimator's cost); with ``out``, writes
-    ``estimators.csv``, the per-option and per-config tables and ``estimators.html``.
+    ``device=None``, a generic 2-8-bit space (:func:`mpq.space.generic_space`) that spans more damage. Returns an
+    ``EstimatorReport`` (``.table`` holds Kendall tau and Spearman rho per estimator, per option and per config,
+    with each estimator's cost); with ``out``, writes ``estimators.csv``, the per-option and per-config tables and
+    ``estimators.html``.
     """
     from mpq.sensitivity.judge import judge_estimators
 
