@@ -149,3 +149,22 @@ def test_killed_search_resumes_without_measuring_again(tmp_path):
     prof = info["profile"]
     assert prof["cache_hits"] >= done_before and prof["measured"] + prof["cache_hits"] == prof["workloads"]
     assert prof["measured"] < prof["workloads"]
+
+
+@pytest.mark.parametrize("backend", ["inprocess", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_workload_that_fails_names_node_device_and_workload(backend, request, tmp_path):
+    from mpq.workers.profiler import WorkloadError
+
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    kernel = f"torch-float@{torch.__version__}"
+    good = Workload("linear", (32, 64), True, (8, 64), None, "float", kernel)
+    bad = Workload("linear", (32, 64), True, (8, 48), None, "float", kernel)  # input K 48 for a K=64 layer
+    store = ProfileCache(tmp_path / "db.sqlite")
+    with pytest.raises(WorkloadError) as e:
+        profile_workloads([good, bad], backend=backend, cache=store, threads=1, warmup=1, repeats=3,
+                          chunk_size=1, progress=False)
+    msg = str(e.value)
+    assert "node" in msg and "(cpu)" in msg and "weight 32x64, input 8x48" in msg and "option float" in msg
+    if backend == "inprocess":
+        assert store.count() == 1  # the good workload, measured before the bad one, is kept

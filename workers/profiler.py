@@ -78,12 +78,22 @@ def measure_workloads(workloads: list[Workload], device: str = "cpu", threads: i
         fp = device_fingerprint(device)
         rows = []
         for w in workloads:
-            module, x = w.build(device)
-            stats = time_callable(lambda: module(x), warmup, repeats, min_sample_ms, device).as_dict()
+            try:
+                module, x = w.build(device)
+                stats = time_callable(lambda: module(x), warmup, repeats, min_sample_ms, device).as_dict()
+            except Exception as e:  # name the node, the device and the workload: the traceback alone names none
+                raise WorkloadError(
+                    f"profiling failed on node {host()} ({device}) for workload {w.kind} weight "
+                    f"{'x'.join(map(str, w.weight_shape))}, input {'x'.join(map(str, w.input_shape))}, option "
+                    f"{w.option} ({w.kernel}): {type(e).__name__}: {e}") from e
             stats.update(key=w.key, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          measured_by=host())
             rows.append(stats)
     return {"fingerprint": fp, "rows": rows}
+
+
+class WorkloadError(RuntimeError):
+    """A workload that could not be built or timed; the message names the node, device and workload."""
 
 
 def fingerprint_with_threads(device: str, threads: int | None) -> dict[str, Any]:
@@ -168,7 +178,15 @@ def profile_workloads(workloads: Iterable[Workload], device: str = "cpu", backen
             pending = [task.remote(chunk, **settings) for chunk in _chunks(todo, chunk_size)]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                collect(ray.get(done[0]))
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    for ref in pending:  # the others' finished rows are already in the database
+                        ray.cancel(ref)
+                    cause = getattr(e, "cause", None)
+                    raise WorkloadError(str(cause) if isinstance(cause, WorkloadError) else
+                                        f"a profiling task failed: {e}") from None
+                collect(result)
     finally:
         bar.close()
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
