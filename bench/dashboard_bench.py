@@ -30,8 +30,6 @@ OPTIONS = [("float", None, None, None), ("w8a8", 8, 8, None), ("w8a16", 8, 16, N
 
 def write_synthetic_run(out: Path, layers: int = 500, points: int = 200, seed: int = 0) -> Path:
     """A run directory with the schema ``mpq search`` writes, filled with synthetic numbers."""
-    from mpq.artifacts import write_run  # noqa: F401  (same files; written directly here)
-
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"blocks.{i // 7}.{['q', 'k', 'v', 'o', 'gate', 'up', 'down'][i % 7]}_proj" for i in range(layers)]

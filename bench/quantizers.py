@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,10 +37,11 @@ from mpq.config import BitConfig, LayerBits  # noqa: E402
 from mpq.costs import MB, build_cost_table  # noqa: E402
 from mpq.evaluators import classification_metrics  # noqa: E402
 from mpq.fakequant import fake_quantize  # noqa: E402
-from mpq.layers import discover_layers  # noqa: E402
+from mpq.layers import discover_layers, weight_matrix  # noqa: E402
 from mpq.models import load_reference  # noqa: E402
 from mpq.quant import GenericNumerics  # noqa: E402
 from mpq.quantizers import get_quantizer  # noqa: E402
+from mpq.registry import scheme_for  # noqa: E402
 from mpq.sensitivity.measured import single_layer_deltas  # noqa: E402
 from mpq.calib import CalibrationSet  # noqa: E402
 from mpq.solvers import ilp_allocate  # noqa: E402
@@ -56,7 +56,7 @@ TARGETS = (4.0, 3.0, 2.5)
 def metrics_of(task, model, reference) -> dict[str, float]:
     if task.metric == "perplexity":
         return {"perplexity": task.eval_fn(model)}
-    return {k: v for k, v in classification_metrics(model, task.heldout, reference).items()}
+    return classification_metrics(model, task.heldout, reference)
 
 
 def avg_bits(table: pd.DataFrame, choice: dict[str, str], weights: dict[str, int]) -> float:
@@ -82,7 +82,8 @@ def run_model(name: str, gptq_options: dict) -> dict:
         t0 = time.perf_counter()
         for layer, bits in space.pairs():  # every (layer, format) once: the cache serves the rest
             if bits.w_bits is not None:
-                quant.quantize(layer, _weight(model, layer), NUMERICS.scheme(bits.w_bits, None, bits.group_size).weight)
+                quant.quantize(layer, weight_matrix(model.get_submodule(layer)), scheme_for(inv[layer], bits,
+                                                                                            NUMERICS).weight)
         t_quant = time.perf_counter() - t0
         cost[qname] = {"prepare_s": t_prepare, "quantize_all_s": t_quant,
                        "s_per_layer_format": t_quant / sum(1 for _, b in space.pairs() if b.w_bits),
@@ -109,12 +110,6 @@ def run_model(name: str, gptq_options: dict) -> dict:
                 log.info("%s", row)
     return {"model": name, "float": reference, "rows": rows, "cost": cost, "layers": len(inv),
             "weights": sum(weights.values())}
-
-
-def _weight(model, layer):
-    from mpq.layers import weight_matrix
-
-    return weight_matrix(model.get_submodule(layer))
 
 
 def _uniform_within(table: pd.DataFrame, space, budget_mb: float) -> dict[str, str]:

@@ -187,8 +187,7 @@ def fake_quantize_weight(weight: Tensor, spec: WeightQuantSpec) -> Tensor:
 
 def weight_error(weight: Tensor, spec: WeightQuantSpec) -> float:
     """``||Q(W) - W||^2`` (the HAWQ perturbation), summed in float64."""
-    diff = fake_quantize_weight(weight, spec).double() - weight.detach().double()
-    return float((diff * diff).sum())
+    return quantize_weight(weight, spec).error(weight)
 
 
 # --------------------------------------------------------------------------------------------------------------------

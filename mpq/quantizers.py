@@ -211,11 +211,6 @@ class GPTQQuantizer(Quantizer):
     def prepared(self) -> bool:
         return bool(self.hessians)
 
-    def set_hessian(self, layer: str, hessian: Tensor) -> None:
-        """Use ``hessian`` (``K x K``) for ``layer`` instead of collecting one."""
-        self.hessians[layer] = hessian
-        self._cache = {k: v for k, v in self._cache.items() if k[0] != layer}
-
     # --- rounding -----------------------------------------------------------------------------------------------------
     def quantize_new(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
         if layer not in self.hessians:  # a lookup (embedding), or a layer the calibration inputs never reached
