@@ -11,6 +11,7 @@ import torch
 # A private profile cache for the whole session, set before mpq reads it.
 os.environ.setdefault("MPQ_CACHE_DIR", tempfile.mkdtemp(prefix="mpq-test-cache-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("RAY_ADDRESS", None)  # tests never attach to a real cluster
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,11 +23,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local 2-CPU Ray cluster for the session (about 6 s to start)."""
+    """One local 2-CPU Ray cluster for the session (about 6 s to start), as mpq starts one: on 127.0.0.1 only."""
     ray = pytest.importorskip("ray")
+    from mpq.workers import ensure_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ensure_ray(num_cpus=2)
     yield ray
     if started:
         ray.shutdown()

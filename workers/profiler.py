@@ -33,8 +33,9 @@ TABLE_COLUMNS = ["key", "kind", "option", "kernel", "weight_shape", "input_shape
 class LatencyTable:
     """Measured per-workload latencies on one device (one fingerprint)."""
 
-    def __init__(self, frame: pd.DataFrame, fingerprint: dict[str, Any]):
+    def __init__(self, frame: pd.DataFrame, fingerprint: dict[str, Any], stats: dict[str, Any] | None = None):
         self.frame = frame.reset_index(drop=True)
+        self.stats = dict(stats or {})  # how it was measured: target, unique workloads, tasks, rows per node
         self.fingerprint = fingerprint
         self.fingerprint_id = fingerprint_id(fingerprint)
         self._median = dict(zip(self.frame["key"], self.frame["median_ms"]))
@@ -72,7 +73,8 @@ def _row(w: Workload, stats: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def measure_workloads(workloads: list[Workload], device: str = "cpu", threads: int | None = None, warmup: int = 3,
-                      repeats: int = 15, min_sample_ms: float = 1.0) -> dict[str, Any]:
+                      repeats: int = 15, min_sample_ms: float = 1.0, measured_by: str | None = None
+                      ) -> dict[str, Any]:
     """Measure ``workloads`` here; returns this process's fingerprint and one stats dict per workload key."""
     with num_threads(threads):
         fp = device_fingerprint(device)
@@ -87,7 +89,7 @@ def measure_workloads(workloads: list[Workload], device: str = "cpu", threads: i
                     f"{'x'.join(map(str, w.weight_shape))}, input {'x'.join(map(str, w.input_shape))}, option "
                     f"{w.option} ({w.kernel}): {type(e).__name__}: {e}") from e
             stats.update(key=w.key, measured_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         measured_by=host())
+                         measured_by=measured_by or host())
             rows.append(stats)
     return {"fingerprint": fp, "rows": rows}
 
@@ -107,90 +109,67 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def ensure_ray(address: str | None = None):
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start one local cluster for this process."""
-    try:
-        import ray
-    except ImportError as e:  # pragma: no cover - ray is a core dependency
-        raise ConfigError("Ray is not installed: pip install ray, or profile with backend='inprocess'") from e
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    return ray
-
-
-def _task_options(device: str, threads: int, ray) -> dict[str, Any]:
-    if device == "cuda":
-        return {"num_gpus": 1, "num_cpus": 1}
-    # A CPU measurement asks for as many CPUs as it runs threads, so Ray never packs two measurements onto the same
-    # cores of a node.
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-    if threads > largest:
-        raise ConfigError(f"profiling with {threads} threads needs a Ray node with {threads} CPUs; the largest "
-                          f"node has {largest:g}")
-    return {"num_cpus": threads}
-
-
 def profile_workloads(workloads: Iterable[Workload], device: str = "cpu", backend: str = "ray",
                       address: str | None = None, cache: ProfileCache | str | Path | bool | None = True,
                       threads: int | None = None, warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
-                      chunk_size: int = 8, progress: bool = True) -> LatencyTable:
-    """Latency of every workload on ``device``, measured where ``backend`` runs (``"ray"`` or ``"inprocess"``)."""
+                      chunk_size: int = 8, workers: int | None = None, progress: bool = True) -> LatencyTable:
+    """Latency of every workload on ``device``, measured where ``backend`` runs (``"ray"`` or ``"inprocess"``).
+
+    ``device`` is a target (``"cpu"``, ``"cuda"``, or a labelled kind like ``"cuda:h100"``, see
+    :mod:`mpq.workers.cluster`); on Ray the measurements run on that kind's nodes, one profiler actor per device slot
+    (at most ``workers`` of them), in chunks of ``chunk_size`` workloads.
+    """
+    from mpq.workers.cluster import ProfilerPool, Target
+
+    target = Target.parse(device)
     workloads = list({w.key: w for w in workloads}.values())
     threads = threads or torch.get_num_threads()
     if backend not in ("ray", "inprocess"):
         raise ConfigError(f"profiling backend {backend!r} not supported: use 'ray' or 'inprocess'")
     store = None if cache is False or cache is None else (cache if isinstance(cache, ProfileCache)
                                                           else ProfileCache(None if cache is True else cache))
-    settings = dict(device=device, threads=threads, warmup=warmup, repeats=repeats, min_sample_ms=min_sample_ms)
-
-    if backend == "ray":
-        ray = ensure_ray(address)
-        options = _task_options(device, threads, ray)
-        fp = ray.get(ray.remote(**options)(fingerprint_with_threads).remote(device, threads))
-    else:
-        ray, options = None, {}
-        fp = fingerprint_with_threads(device, threads)
-    fid = fingerprint_id(fp)
-    hits = store.get(fid, [w.key for w in workloads]) if store else {}
-    rows = [_row(w, hits[w.key], "cache") for w in workloads if w.key in hits]
-    todo = [w for w in workloads if w.key not in hits]
-    by_key = {w.key: w for w in todo}
-    log.info("profiling %d workloads on %s (%s): %d cached, %d to measure", len(workloads), fp.get("name"),
-             backend, len(rows), len(todo))
-
-    bar = tqdm(total=len(todo), desc=f"profiling ({backend})", disable=not progress or not todo, leave=False)
-
-    def collect(result: dict[str, Any]) -> None:
-        if fingerprint_id(result["fingerprint"]) != fid:
-            raise RuntimeError(f"a worker measured on a different device: {result['fingerprint']} vs {fp}")
-        if store:
-            store.put(result["fingerprint"], fid, result["rows"])
-        rows.extend(_row(by_key[r["key"]], {k: v for k, v in r.items() if k != "key"}, "measured")
-                    for r in result["rows"])
-        bar.update(len(result["rows"]))
-
+    settings = dict(warmup=warmup, repeats=repeats, min_sample_ms=min_sample_ms)
+    pool = ProfilerPool(target, threads, address, workers) if backend == "ray" else None
     try:
-        if backend == "inprocess":
-            for chunk in _chunks(todo, chunk_size):
-                collect(measure_workloads(chunk, **settings))
-        elif todo:
-            task = ray.remote(**options)(measure_workloads)
-            pending = [task.remote(chunk, **settings) for chunk in _chunks(todo, chunk_size)]
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                try:
-                    result = ray.get(done[0])
-                except ray.exceptions.RayTaskError as e:
-                    for ref in pending:  # the others' finished rows are already in the database
-                        ray.cancel(ref)
-                    cause = getattr(e, "cause", None)
-                    raise WorkloadError(str(cause) if isinstance(cause, WorkloadError) else
-                                        f"a profiling task failed: {e}") from None
-                collect(result)
+        fp = pool.fingerprint() if pool else fingerprint_with_threads(target.device, threads)
+        fid = fingerprint_id(fp)
+        hits = store.get(fid, [w.key for w in workloads]) if store else {}
+        rows = [_row(w, hits[w.key], "cache") for w in workloads if w.key in hits]
+        todo = [w for w in workloads if w.key not in hits]
+        by_key = {w.key: w for w in todo}
+        chunks = list(_chunks(todo, chunk_size))
+        log.info("profiling %d unique workloads on %s (%s, %s): %d cached, %d to measure in %d tasks",
+                 len(workloads), target.name, fp.get("name"), backend, len(rows), len(todo), len(chunks))
+        bar = tqdm(total=len(todo), desc=f"profiling {target.name} ({backend})", disable=not progress or not todo,
+                   leave=False)
+
+        def collect(result: dict[str, Any]) -> None:
+            if fingerprint_id(result["fingerprint"]) != fid:
+                raise RuntimeError(f"a worker measured on a different device: {result['fingerprint']} vs {fp}")
+            if store:
+                store.put(result["fingerprint"], fid, result["rows"])
+            rows.extend(_row(by_key[r["key"]], {k: v for k, v in r.items() if k != "key"}, "measured")
+                        for r in result["rows"])
+            bar.update(len(result["rows"]))
+            if pool and len(pool.per_node) > 1:
+                bar.set_postfix_str(" ".join(f"{n}:{c}" for n, c in sorted(pool.per_node.items())))
+
+        try:
+            if pool:
+                pool.run(chunks, settings, collect)
+            else:
+                for chunk in chunks:
+                    collect(measure_workloads(chunk, target.device, threads, **settings))
+        finally:
+            bar.close()
+        stats = {"target": target.name, "unique_workloads": len(workloads), "tasks": len(chunks),
+                 "measured_per_node": dict(pool.per_node) if pool else ({host(): len(todo)} if todo else {}),
+                 "workers": pool.max_actors if pool else 1, "actor_restarts": pool.restarts if pool else 0}
     finally:
-        bar.close()
+        if pool:
+            pool.close()
     frame = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if len(frame) and frame["median_ms"].map(lambda v: not math.isfinite(v) or v <= 0).any():
         raise RuntimeError("a latency measurement is not a positive number: " +
                            str(frame.loc[~(frame["median_ms"] > 0), "key"].tolist()[:3]))
-    return LatencyTable(frame, fp)
+    return LatencyTable(frame, fp, stats)

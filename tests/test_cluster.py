@@ -1,0 +1,160 @@
+"""Profiling on a multi-node Ray cluster started on this machine: device kinds stand in as custom resources
+(``cpu:a`` on two single-CPU nodes, ``cpu:b`` on one), all bound to 127.0.0.1. Workers and nodes die mid-run."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mpq.workers import DeviceUnavailableError, ProfileCache, ProfilerPool, Target, profile_workloads
+from mpq.workers.profiler import TABLE_COLUMNS
+from mpq.workers.workloads import Workload
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ray = pytest.importorskip("ray")
+
+A, B = Target.parse("cpu:a"), Target.parse("cpu:b")
+SLOW = dict(threads=1, warmup=1, repeats=25, min_sample_ms=8.0, chunk_size=1, progress=False)
+
+
+def _workloads(n: int, width: int = 256) -> list[Workload]:
+    kernel = f"torch-float@{torch.__version__}"
+    return [Workload("linear", (64 + 16 * i, width), True, (32, width), None, "float", kernel) for i in range(n)]
+
+
+def _node(cluster, resources):
+    return cluster.add_node(num_cpus=1, resources=resources, object_store_memory=80 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    from mpq.workers.cluster import _LOCAL_ONLY_ENV
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    import os
+
+    os.environ[_LOCAL_ONLY_ENV] = "0"  # every node on 127.0.0.1
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20,
+                                                      "include_dashboard": False})
+    c.nodes_a = [_node(c, {A.resource: 1}), _node(c, {A.resource: 1})]
+    c.node_b = _node(c, {B.resource: 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    if was_running:  # give the rest of the session its local cluster back
+        from mpq.workers import ensure_ray
+
+        ensure_ray(num_cpus=2)
+
+
+def _node_ids(nodes) -> set[str]:
+    return {n.node_id[:8] for n in nodes}
+
+
+def test_cluster_binds_to_localhost(cluster):
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+
+
+def test_each_kind_runs_only_on_its_nodes_with_the_recorded_threads(cluster, tmp_path):
+    store = ProfileCache(tmp_path / "db.sqlite")
+    t = profile_workloads(_workloads(4), device="cpu:b", cache=store, **{**SLOW, "repeats": 3})
+    assert t.stats["target"] == "cpu:b" and t.stats["workers"] == 1
+    assert {k.split("/")[1] for k in t.stats["measured_per_node"]} == _node_ids([cluster.node_b])
+    assert set(t.frame["measured_by"].str.split("/").str[1]) == _node_ids([cluster.node_b])
+    t = profile_workloads(_workloads(6), device="cpu:a", cache=store, **{**SLOW, "repeats": 3})
+    assert t.stats["workers"] == 2
+    assert {k.split("/")[1] for k in t.stats["measured_per_node"]} <= _node_ids(cluster.nodes_a)
+    with ProfilerPool("cpu:a", threads=1) as pool:
+        pool.fingerprint()
+        infos = list(pool.ready.values())
+    # Ray's OMP_NUM_THREADS, torch's intra-op threads and the fingerprint's thread count agree
+    assert infos and all(i["omp_num_threads"] == "1" and i["torch_threads"] == 1 == i["fingerprint"]["threads"]
+                         for i in infos)
+
+
+def test_missing_kind_and_too_many_threads_are_clear_errors(cluster):
+    with pytest.raises(DeviceUnavailableError, match=r"'cuda:h100'.*mpq_device_cuda_h100.*cpu_a"):
+        profile_workloads(_workloads(1), device="cuda:h100", cache=False, progress=False)
+    with pytest.raises(ValueError, match="2 threads needs a node of 'cpu:a' with 2 CPUs"):
+        profile_workloads(_workloads(1), device="cpu:a", cache=False, threads=2, progress=False)
+
+
+def _run_in_thread(**kwargs):
+    out: dict = {}
+
+    def run():
+        try:
+            out["table"] = profile_workloads(**kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _wait_for_rows(store: ProfileCache, n: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = store.count()
+        if done >= n:
+            return done
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} rows were measured in {timeout} s")
+
+
+def test_actor_killed_mid_profile_is_replaced(cluster, tmp_path):
+    store = ProfileCache(tmp_path / "db.sqlite")
+    workloads = _workloads(10)
+    thread, out = _run_in_thread(workloads=workloads, device="cpu:a", cache=store, **SLOW)
+    before = _wait_for_rows(store, 2)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("mpq-profiler-cpu-a-")]
+    assert names
+    ray.kill(ray.get_actor(names[0], namespace=ray.get_runtime_context().namespace))
+    thread.join(300)
+    table = out["table"]
+    assert len(table) == len(workloads) == store.count() and list(table.frame.columns) == TABLE_COLUMNS
+    assert table.stats["actor_restarts"] >= 1 and store.count() >= before
+    undisturbed = profile_workloads(workloads, backend="inprocess", cache=False, **SLOW)
+    ratio = table.frame.set_index("key")["median_ms"] / undisturbed.frame.set_index("key")["median_ms"]
+    assert 0.33 < float(np.exp(np.log(ratio).mean())) < 3.0, ratio.describe()
+
+
+def test_node_removed_mid_run_moves_its_work_to_the_other_node(cluster, tmp_path):
+    store = ProfileCache(tmp_path / "db.sqlite")
+    workloads = _workloads(12)
+    thread, out = _run_in_thread(workloads=workloads, device="cpu:a", cache=store, **SLOW)
+    _wait_for_rows(store, 3)
+    gone = cluster.nodes_a.pop()
+    cluster.remove_node(gone)
+    thread.join(300)
+    table = out.get("table")
+    assert table is not None, out.get("error")
+    assert len(table) == len(workloads) == store.count()
+    assert table.stats["actor_restarts"] >= 1
+    survivors = {k.split("/")[1] for k in table.stats["measured_per_node"]}
+    assert _node_ids(cluster.nodes_a) <= survivors  # the node left standing finished the work
+
+
+def test_last_node_of_a_kind_removed_stops_with_an_error_naming_it(cluster, tmp_path):
+    store = ProfileCache(tmp_path / "db.sqlite")
+    workloads = _workloads(12)
+    thread, out = _run_in_thread(workloads=workloads, device="cpu:b", cache=store, **SLOW)
+    _wait_for_rows(store, 2)
+    cluster.remove_node(cluster.node_b)
+    thread.join(300)
+    assert isinstance(out.get("error"), DeviceUnavailableError), out
+    assert "'cpu:b'" in str(out["error"]) and "not measured" in str(out["error"])
+    finished = store.count()
+    assert 2 <= finished < len(workloads)  # everything finished before the node went is in the database

@@ -1,0 +1,319 @@
+"""Profiling on a Ray cluster: device targets, one long-lived profiler actor per device slot, and a scheduler that
+keeps finished work when a worker or a node dies.
+
+A *target* names a kind of device: ``cpu`` and ``cuda``, or a labelled kind such as ``cuda:h100`` or ``cpu:graviton``.
+Nodes say which kinds they offer with a Ray custom resource, ``mpq_device_<kind>`` (``ray start --resources
+'{"mpq_device_cuda_h100": 8}'``: one unit per GPU; ``'{"mpq_device_cpu": 1}'``: one CPU profiler per node at a
+time, since Ray neither pins nor isolates CPUs and two measurements on one node would slow each other down). Each
+profiler actor takes one unit, so it runs only on a node of its kind and never shares a GPU or a CPU node with
+another measurement. A cluster whose nodes declare no such resource is still served for the plain targets ``cpu``
+and ``cuda`` by Ray's own CPU and GPU counts, with a warning; a labelled target needs its resource.
+
+Actors live for the whole profiling run (a GPU actor pays CUDA start-up once, not per task). The scheduler hands
+each ready actor one chunk of workloads at a time and streams results back as they finish, so each is written to
+the database before the next arrives. An actor that dies (its process killed, its node removed) gives its chunk
+back to the queue and is replaced when its device kind has a free slot; when no node of the kind is left, the run
+stops with :class:`DeviceUnavailableError` naming the device, and everything finished is already stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mpq.errors import ConfigError, MpqError
+
+log = logging.getLogger(__name__)
+
+RESOURCE_PREFIX = "mpq_device_"
+# Ray binds every port to the loopback address only when it believes it runs a single-machine (Windows/macOS)
+# session; this switch is how a cluster that mpq starts itself stays unreachable from the network.
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class DeviceUnavailableError(MpqError, RuntimeError):
+    """No node of the Ray cluster offers the requested kind of device (any more)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A kind of device to measure on: ``name`` as the user wrote it, ``device`` the kernels' device."""
+
+    name: str
+    device: str
+
+    @classmethod
+    def parse(cls, spec: str | Target) -> Target:
+        if isinstance(spec, Target):
+            return spec
+        from mpq.registry import normalize_device
+
+        text = str(spec).strip().lower()
+        device = normalize_device(text)
+        label = text.partition(":")[2]
+        if label and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", label):
+            raise ConfigError(f"device {spec!r}: the label after ':' may hold letters, digits, '_', '.' and '-'")
+        # "cuda:0" is an index, not a kind of device
+        return cls(device if not label or label.isdigit() else f"{device}:{label}", device)
+
+    @property
+    def label(self) -> str | None:
+        return self.name.partition(":")[2] or None
+
+    @property
+    def resource(self) -> str:
+        """The Ray custom resource a node declares to offer this kind of device."""
+        return RESOURCE_PREFIX + re.sub(r"[^a-z0-9]+", "_", self.name).strip("_")
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe form (run subdirectories)."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name).strip("-")
+
+
+def ensure_ray(address: str | None = None, **init_options: Any):
+    """Connect to ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster for this process that binds
+    only to 127.0.0.1, runs no dashboard and declares this machine's CPU (and GPUs) as mpq device resources
+    (``init_options``, e.g. ``num_cpus``, go to ``ray.init``)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        os.environ[_LOCAL_ONLY_ENV] = "0"  # read by the Ray processes started below (and by ray on import)
+    try:
+        import ray
+    except ImportError as e:  # pragma: no cover - ray is a core dependency
+        raise ConfigError("Ray is not installed: pip install ray, or profile with backend='inprocess'") from e
+    if ray.is_initialized():
+        return ray
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise DeviceUnavailableError(f"could not reach the Ray cluster at {address!r}: {e}") from e
+        return ray
+    from ray._private import ray_constants  # the flag is read when ray is imported: set it for this process too
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    resources = {Target.parse("cpu").resource: 1}
+    if torch.cuda.is_available():
+        resources[Target.parse("cuda").resource] = torch.cuda.device_count()
+    ray.init(**{"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+                "resources": resources, **init_options})
+    return ray
+
+
+def available_targets(ray) -> dict[str, float]:
+    """The device kinds the cluster's live nodes declare, with their total slots."""
+    return {k[len(RESOURCE_PREFIX):]: v for k, v in ray.cluster_resources().items() if k.startswith(RESOURCE_PREFIX)}
+
+
+def _placement(target: Target, threads: int, ray) -> tuple[dict[str, Any], int]:
+    """Ray options for one profiler actor of ``target`` and how many such actors the cluster can hold."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    offering = [n for n in nodes if n["Resources"].get(target.resource, 0) >= 1]
+    if offering:
+        options: dict[str, Any] = {"resources": {target.resource: 1}}
+        slots = int(sum(n["Resources"][target.resource] for n in offering))
+    elif target.label:
+        raise DeviceUnavailableError(
+            f"no node of the Ray cluster offers device {target.name!r} (a node declares it with the custom resource "
+            f"{target.resource!r}); the cluster offers {sorted(available_targets(ray)) or 'no mpq device resources'}")
+    elif target.device == "cuda":
+        options, offering = {}, [n for n in nodes if n["Resources"].get("GPU", 0) >= 1]
+        slots = int(sum(n["Resources"]["GPU"] for n in offering))
+    else:
+        options, offering = {}, [n for n in nodes if n["Resources"].get("CPU", 0) >= threads]
+        slots = len(offering)
+        log.warning("no node declares %r: CPU profilers are placed by CPU count alone, and two may share a node "
+                    "(declare the resource with ray start --resources '{\"%s\": 1}')", target.resource,
+                    target.resource)
+    if not offering:
+        raise DeviceUnavailableError(f"no node of the Ray cluster offers device {target.name!r}")
+    if target.device == "cuda":
+        options.update(num_gpus=1, num_cpus=1)
+    else:
+        largest = max(n["Resources"].get("CPU", 0) for n in offering)
+        if threads > largest:
+            raise ConfigError(f"profiling with {threads} threads needs a node of {target.name!r} with {threads} "
+                              f"CPUs; the largest has {largest:g}")
+        # Ray sets OMP_NUM_THREADS from num_cpus; both are set here on purpose, and the actor checks them.
+        options.update(num_cpus=threads, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
+                                                                   "MKL_NUM_THREADS": str(threads)}})
+    return options, slots
+
+
+class ProfilerWorker:
+    """One device slot's profiler: set up once (threads, CUDA context), then measures chunk after chunk."""
+
+    def __init__(self, device: str, threads: int):
+        self.device, self.threads = device, threads
+        torch.set_num_threads(threads)
+        if device == "cuda":
+            torch.zeros(1, device="cuda")  # create the context now, not inside the first measurement
+
+    def info(self) -> dict[str, Any]:
+        from mpq.workers.profiler import fingerprint_with_threads
+
+        return {"node": _node_name(), "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "fingerprint": fingerprint_with_threads(self.device, self.threads)}
+
+    def measure(self, workloads: list, **settings: Any) -> dict[str, Any]:
+        from mpq.workers.profiler import measure_workloads
+
+        result = measure_workloads(workloads, self.device, self.threads, measured_by=_node_name(), **settings)
+        return {**result, "node": _node_name()}
+
+
+def _node_name() -> str:
+    from mpq.workers.fingerprint import host
+
+    try:
+        import ray
+
+        return f"{host()}/{ray.get_runtime_context().get_node_id()[:8]}"
+    except Exception:  # outside a Ray worker
+        return host()
+
+
+class ProfilerPool:
+    """Profiler actors for one target; ``run`` schedules chunks over them and survives dying actors and nodes."""
+
+    def __init__(self, target: Target | str, threads: int, address: str | None = None, workers: int | None = None,
+                 poll_s: float = 1.0):
+        self.target = Target.parse(target)
+        self.threads = threads
+        self.ray = ensure_ray(address)
+        self.options, slots = _placement(self.target, threads, self.ray)
+        self.max_actors = max(1, min(slots, workers or slots))
+        self.poll_s = poll_s
+        self._cls = self.ray.remote(**self.options)(ProfilerWorker)
+        self.ready: dict[Any, dict] = {}  # actor -> its info()
+        self.starting: dict[Any, Any] = {}  # info ref -> actor
+        self.per_node: Counter = Counter()
+        self.restarts = 0
+        self._id, self._spawned = uuid.uuid4().hex[:6], 0
+        for _ in range(self.max_actors):
+            self._spawn()
+
+    def __enter__(self) -> ProfilerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in [*self.ready, *self.starting.values()]:
+            self.ray.kill(actor)
+        self.ready.clear()
+        self.starting.clear()
+
+    def _spawn(self) -> None:
+        # named, so an operator (or a test) can find the profilers with ray.util.list_named_actors()
+        self._spawned += 1
+        actor = self._cls.options(name=f"mpq-profiler-{self.target.slug}-{self._id}-{self._spawned}").remote(
+            self.target.device, self.threads)
+        self.starting[actor.info.remote()] = actor
+
+    def _slots_now(self) -> int:
+        """Units of the resource the actors are placed by, on the nodes alive now."""
+        key = (self.target.resource if "resources" in self.options else
+               "GPU" if self.target.device == "cuda" else "CPU")
+        return int(self.ray.cluster_resources().get(key, 0))
+
+    def _check_device(self, unfinished: int) -> None:
+        if self._slots_now() < 1:
+            raise DeviceUnavailableError(
+                f"no node of the Ray cluster offers device {self.target.name!r} any more ({self.target.resource}); "
+                f"{unfinished} workloads were not measured; every finished measurement is in the profile cache")
+
+    def _started(self, ref) -> Any:
+        """The actor whose start-up ``ref`` reported, once ready (None if it died starting)."""
+        actor = self.starting.pop(ref)
+        try:
+            self.ready[actor] = self.ray.get(ref)
+            return actor
+        except self.ray.exceptions.RayActorError:
+            self._replace(None)
+            return None
+
+    def _replace(self, actor) -> None:
+        """Drop a dead actor; start another if its device kind has a slot left for it."""
+        if actor is not None:
+            self.ready.pop(actor, None)
+        self.restarts += 1
+        if len(self.ready) + len(self.starting) < min(self.max_actors, self._slots_now()):
+            self._spawn()
+
+    def fingerprint(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """The device fingerprint of the first actor to come up."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if not self.starting:
+                self._check_device(0)
+                self._spawn()
+            done, _ = self.ray.wait(list(self.starting), num_returns=1, timeout=self.poll_s)
+            if done:
+                self._started(done[0])
+            else:
+                self._check_device(0)
+            if time.monotonic() > deadline:
+                raise DeviceUnavailableError(f"no profiler for {self.target.name!r} started in {timeout_s:g} s")
+        return next(iter(self.ready.values()))["fingerprint"]
+
+    def run(self, chunks: list[list], settings: dict[str, Any], collect: Callable[[dict], None]) -> None:
+        """Measure every chunk on some actor; ``collect`` gets each result as it arrives."""
+        from mpq.workers.profiler import WorkloadError
+
+        ray = self.ray
+        queue, running, idle = deque(chunks), {}, list(self.ready)
+        try:
+            while queue or running:
+                while queue and idle:
+                    actor, chunk = idle.pop(), queue.popleft()
+                    running[actor.measure.remote(chunk, **settings)] = (actor, chunk)
+                waiting = [*running, *self.starting]
+                done, _ = ray.wait(waiting, num_returns=1, timeout=self.poll_s) if waiting else ([], [])
+                if not done:
+                    if not running:
+                        self._check_device(sum(map(len, queue)))
+                        if not self.starting:
+                            self._replace(None)
+                    continue
+                ref = done[0]
+                if ref in self.starting:
+                    actor = self._started(ref)
+                    if actor is not None:
+                        idle.append(actor)
+                    continue
+                actor, chunk = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    node = self.ready.get(actor, {}).get("node", "?")
+                    log.warning("the %s profiler on %s died (%s); its %d workloads go back to the queue",
+                                self.target.name, node, type(e).__name__, len(chunk))
+                    queue.appendleft(chunk)
+                    self._replace(actor)
+                    if not self.ready and not self.starting:
+                        self._check_device(sum(map(len, queue)))
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    for other in running:
+                        ray.cancel(other)
+                    cause = getattr(e, "cause", None)
+                    raise WorkloadError(str(cause) if isinstance(cause, WorkloadError) else
+                                        f"a profiling task failed: {e}") from None
+                self.per_node[result["node"]] += len(result["rows"])
+                collect(result)
+                idle.append(actor)
+        finally:
+            for ref in running:
+                ray.cancel(ref)
