@@ -26,14 +26,23 @@ def _layer_height(n: int) -> int:
     return int(min(max(320, 18 * n + 120), 9200))
 
 
-def frontier_figure(views: list[dict]) -> dict:
+def frontier_figure(views: list[dict], side_by_side: bool = False) -> dict:
     """Metric vs latency / size / BOPs (buttons switch the x axis); every source's points, the baselines, the chosen
-    config. Several runs overlay (one colour set per run)."""
+    config. Several runs overlay (one colour set per run), or with ``side_by_side`` get one panel each sharing the
+    metric axis (one run per target device: latencies of different devices do not share an axis)."""
     go = _go()
-    fig = go.Figure()
+    panels = side_by_side and len(views) > 1
+    if panels:
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=len(views), shared_yaxes=True, horizontal_spacing=0.04,
+                            subplot_titles=[v.get("title") or v["run"] for v in views])
+    else:
+        fig = go.Figure()
     groups = {x: [] for x in views[0]["x_axes"]}
     for r, view in enumerate(views):
         tag = f" [{view['run']}]" if len(views) > 1 else ""
+        where = {"row": 1, "col": r + 1} if panels else {}
         for x in view["x_axes"]:
             for s, (source, pts) in enumerate(view["sources"].items()):
                 pts = [p for p in pts if p[x] is not None and p["y"] is not None]
@@ -50,7 +59,7 @@ def frontier_figure(views: list[dict]) -> dict:
                                  ", ".join(f"{k}:{v}" for k, v in p["histogram"].items())] for p in pts],
                     hovertemplate="size %{customdata[1]:.4g} MB<br>latency %{customdata[2]:.4g} ms (predicted)<br>"
                                   "%{customdata[3]:.4g} GBOPs<br>score %{customdata[4]:.3g}<br>y %{y:.4g}<br>"
-                                  "%{customdata[5]}<br><i>click: per-layer bits</i><extra></extra>"))
+                                  "%{customdata[5]}<br><i>click: per-layer bits</i><extra></extra>"), **where)
                 groups[x].append(len(fig.data) - 1)
             for b in view["baselines"]:
                 if b[x] is None or b["y"] is None:
@@ -67,7 +76,7 @@ def frontier_figure(views: list[dict]) -> dict:
                     hovertemplate=f"<b>{b['label']}</b><br>size %{{customdata[1]:.4g}} MB<br>latency "
                                   "%{customdata[2]:.4g} ms predicted, %{customdata[4]} ms measured<br>"
                                   "%{customdata[3]:.4g} GBOPs<br>" + view["metric"] + " real kernels "
-                                  "%{customdata[6]}<br>%{customdata[5]}<extra></extra>"))
+                                  "%{customdata[6]}<br>%{customdata[5]}<extra></extra>"), **where)
                 groups[x].append(len(fig.data) - 1)
             if x == "latency_ms":
                 meas = [b for b in view["baselines"] if b["latency_measured_ms"] is not None and b["y"] is not None]
@@ -75,16 +84,20 @@ def frontier_figure(views: list[dict]) -> dict:
                     x=[b["latency_measured_ms"] for b in meas], y=[b["y"] for b in meas], mode="markers",
                     name="measured latency (applied)" + tag, visible=True,
                     marker=dict(size=10, symbol="x", color="#ff7f0e"), text=[b["label"] for b in meas],
-                    hovertemplate="%{text}: measured %{x:.4g} ms<extra></extra>"))
+                    hovertemplate="%{text}: measured %{x:.4g} ms<extra></extra>"), **where)
                 groups[x].append(len(fig.data) - 1)
     buttons = []
     for x, label in views[0]["x_axes"].items():
         vis = [i in groups[x] for i in range(len(fig.data))]
+        axes = [f"xaxis{i + 1 if i else ''}.title.text" for i in range(len(views) if panels else 1)]
         buttons.append(dict(label=label.split(" (")[0].replace("per forward", "").strip(), method="update",
-                            args=[{"visible": vis}, {"xaxis": {"title": {"text": label}}}]))
+                            args=[{"visible": vis}, {a: label for a in axes}]))
+    for i in range(len(views) if panels else 1):
+        fig.update_xaxes(title_text=views[0]["x_axes"]["latency_ms"], row=1 if panels else None,
+                         col=i + 1 if panels else None)
     fig.update_layout(
         title="Pareto frontier: pick a point (hover for its numbers, click for its per-layer bits)",
-        xaxis_title=views[0]["x_axes"]["latency_ms"], yaxis_title=views[0]["y_label"], template="plotly_white",
+        yaxis_title=views[0]["y_label"], template="plotly_white",
         height=580, legend=dict(orientation="v", x=1.02, y=1), margin=dict(t=110, r=40, l=80, b=60),
         updatemenus=[dict(type="buttons", direction="right", x=1.0, y=1.16, xanchor="right", yanchor="bottom",
                           buttons=buttons, pad=dict(r=4, t=4))])
@@ -171,7 +184,7 @@ def quality_figure(view: dict) -> dict:
 
 
 def all_figures(views: dict[str, Any]) -> dict[str, dict]:
-    figs = {"frontier": frontier_figure(views["frontier"]), "bits": bits_figure(views["bits"]),
+    figs = {"frontier": frontier_figure(views["frontier"], views.get("side_by_side", False)), "bits": bits_figure(views["bits"]),
             "heatmap": heatmap_figure(views["heatmap"]), "sensitivity": sensitivity_figure(views["sensitivity"]),
             "latency": latency_figure(views["latency"])}
     if views.get("quality"):

@@ -22,13 +22,15 @@ HEADINGS = {"frontier": "Frontier", "bits": "Per-layer bits", "heatmap": "Bits a
             "sensitivity": "Sensitivity per layer", "latency": "Latency per layer", "quality": "Estimator quality"}
 
 
-def dashboard_data(run_dirs: str | Path | Iterable[str | Path]) -> dict:
-    """Every view's plain data. Several runs overlay on the frontier and share the header; the per-layer views
-    show the first run."""
+def dashboard_data(run_dirs: str | Path | Iterable[str | Path], side_by_side: bool = False) -> dict:
+    """Every view's plain data. Several runs overlay on the frontier (or, ``side_by_side``, get a panel each) and
+    share the header; the per-layer views show the first run."""
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     runs = [read_run(d) for d in dirs]
     first = runs[0]
     frontiers = [V.frontier_view(r, prefix=f"{i}:" if len(runs) > 1 else "") for i, r in enumerate(runs)]
+    for f, r in zip(frontiers, runs):
+        f["title"] = f"{r.get('target') or r.get('device')} ({r.get('fingerprint', {}).get('name')})"
     # the click handler shows the first run's layers; points of other runs map by layer name onto them
     layers = V.bits_view(first)["layers"]
     merged = V._Choices(layers)
@@ -41,7 +43,7 @@ def dashboard_data(run_dirs: str | Path | Iterable[str | Path]) -> dict:
     return {"summaries": [V.summary_view(r) for r in runs], "frontier": frontiers, "bits": V.bits_view(first),
             "heatmap": V.heatmap_view(first), "sensitivity": V.sensitivity_view(first),
             "latency": V.latency_view(first), "quality": V.quality_view(first), "choices": choices,
-            "layers": layers}
+            "layers": layers, "side_by_side": side_by_side}
 
 
 def _header(summaries: list[dict]) -> str:
@@ -128,11 +130,13 @@ def _json(obj) -> str:
     return json.dumps(obj, cls=PlotlyJSONEncoder, separators=(",", ":")).replace("</", "<\\/")
 
 
-def write_dashboard(run_dirs: str | Path | Iterable[str | Path], out: str | Path | None = None) -> Path:
-    """Write the dashboard of one run (default ``RUN/dashboard.html``) or of several runs compared (``out``)."""
+def write_dashboard(run_dirs: str | Path | Iterable[str | Path], out: str | Path | None = None,
+                    side_by_side: bool = False) -> Path:
+    """Write the dashboard of one run (default ``RUN/dashboard.html``) or of several runs compared (``out``;
+    ``side_by_side`` gives each run's frontier its own panel, as for one search on several devices)."""
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     path = Path(out) if out else Path(dirs[0]) / "dashboard.html"
-    path.write_text(build_dashboard_html(dashboard_data(dirs)))
+    path.write_text(build_dashboard_html(dashboard_data(dirs, side_by_side)))
     return path
 
 

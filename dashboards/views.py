@@ -47,7 +47,8 @@ def _histogram(choice: dict[str, str]) -> dict[str, int]:
 
 
 def run_label(run: dict) -> str:
-    return f"{Path(run['run_dir']).name} ({run.get('model')}, {run.get('device')}, {run.get('estimator')})"
+    device = run.get("target") or run.get("device")
+    return f"{Path(run['run_dir']).name} ({run.get('model')}, {device}, {run.get('estimator')})"
 
 
 def summary_view(run: dict) -> dict:
@@ -64,7 +65,8 @@ def summary_view(run: dict) -> dict:
     def ratio(a, b):
         return None if not a or not b else a / b
 
-    return {"title": f"{run.get('model')} on {run.get('device')} ({run.get('fingerprint', {}).get('name')})",
+    device = run.get("target") or run.get("device")
+    return {"title": f"{run.get('model')} on {device} ({run.get('fingerprint', {}).get('name')})",
             "run": run_label(run), "budget": run.get("budget_text"), "metric": run.get("metric", "metric"),
             "higher_is_better": run.get("higher_is_better", True), "rows": rows,
             "size_vs_float": ratio(chosen.get("size_mb"), flt.get("size_mb")),

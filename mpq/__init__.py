@@ -20,12 +20,13 @@ from mpq.errors import (BudgetError, CalibrationError, ConfigError, KernelUnavai
 __version__ = "0.1.0"
 
 _LAZY = {"search": "mpq.api", "apply": "mpq.api", "load_quantized": "mpq.api", "SearchResult": "mpq.api",
-         "sensitivity_report": "mpq.api",
+         "sensitivity_report": "mpq.api", "search_devices": "mpq.api",
          "load_reference": "mpq.models", "fake_quantize": "mpq.fakequant", "discover_layers": "mpq.layers",
          "build_search_space": "mpq.space"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mpq.api import SearchResult, apply, load_quantized, search, sensitivity_report  # noqa: F401
+    from mpq.api import (SearchResult, apply, load_quantized, search, search_devices,  # noqa: F401
+                         sensitivity_report)
     from mpq.fakequant import fake_quantize  # noqa: F401
     from mpq.layers import discover_layers  # noqa: F401
     from mpq.models import load_reference  # noqa: F401

@@ -28,7 +28,7 @@ from mpq.costs import MB, Reference, build_cost_table, fixed_costs, float_refere
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers, first_tensor, set_submodule
 from mpq.quantizers import Quantizer, get_quantizer
-from mpq.registry import kernel_for, normalize_device
+from mpq.registry import kernel_for, normalize_device, torch_device
 from mpq.space import SearchSpace, build_search_space, validate_config
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def apply(model: nn.Module, bit_config: BitConfig | str | Path, device: str = "c
     for name, bits in config.quantized().items():
         layer = inv[name]
         quantized = kernel_for(layer, bits, dev).quantize_module(model.get_submodule(name), layer, bits, quant)
-        set_submodule(model, name, quantized.to(device))
+        set_submodule(model, name, quantized.to(torch_device(device)))
     model.eval()
     return model
 
@@ -208,8 +208,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
            sensitivity: str | Mapping[str, float] | list[str] = "hessian",
            solver: str = "ilp", solver_options: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None,
            batch_size: int | None = None,
-           profile: str = "ray", address: str | None = None, out: str | Path | None = None,
-           metric: str = "metric", higher_is_better: bool = True, frontier_points: int = 12,
+           profile: str = "ray", address: str | None = None, workers: int | None = None,
+           out: str | Path | None = None, metric: str = "metric", higher_is_better: bool = True, frontier_points: int = 12,
            allowed: Iterable[LayerBits | str] | None = None, pinned: Mapping[str, LayerBits | str] | None = None,
            threads: int | None = None, repeats: int = 15, warmup: int = 3, cache: bool | str | Path = True,
            sensitivity_options: Mapping[str, Any] | None = None, evaluate_frontier: bool = True,
@@ -223,6 +223,11 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     ILP under the budget and a frontier by budget sweeps -> the chosen config and uniform INT8/INT4 baselines
     applied on the real kernels, their latency measured and ``eval_fn`` evaluated. With ``out``, writes the run
     directory (config, tables, report, dashboard); re-running into the same ``out`` reuses finished sensitivities.
+
+    ``device``: the target, ``"cpu"``, ``"cuda"`` or a kind of node on a Ray cluster (``"cuda:h100"``; see
+    :mod:`mpq.workers.cluster`). With ``profile="ray"`` the layer latencies are measured on nodes of that kind (at
+    most ``workers`` profilers), and for a labelled kind the whole-model timings run there too, as Ray tasks;
+    :func:`search_devices` searches several targets at once.
 
     ``budget``: absolute (``size_mb``, ``bops``, ``latency_ms``) or relative to the float model (``size``,
     ``latency``, ``bops_ratio``), as a :class:`Budget`, dict or string like ``"size=0.3"``.
@@ -246,8 +251,11 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     (0 keeps the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the
     way to reproduce the run.
     """
+    from mpq.workers.cluster import Target
+
     t_start = time.perf_counter()
-    dev = normalize_device(device)
+    target = Target.parse(device)
+    dev = target.device
     budget = Budget.parse(budget)
     if budget.is_unlimited:
         raise ConfigError("search needs a budget: e.g. budget='size=0.3' (30% of the float size), "
@@ -276,8 +284,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         stages["sensitivity"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        costs = _cost_stage(model, inventory, space, example, dev, profile, address, cache, threads, warmup,
-                            repeats, batch_size, progress)
+        costs = _cost_stage(model, inventory, space, example, target, profile, address, workers, cache, threads,
+                            warmup, repeats, batch_size, progress)
         stages["profile"] = time.perf_counter() - t0
         table = costs.table.merge(_score_columns(sens), on=["layer", "option"], how="left")
         limits = budget.resolve(costs.reference.as_dict())
@@ -294,7 +302,8 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         candidates["uniform_int8"] = uniform_choice(space, INT8_PREFERENCE)
         candidates["uniform_int4"] = uniform_choice(space, INT4_PREFERENCE, fallback=candidates["uniform_int8"])
         summary, in_model = _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table,
-                                      costs.fixed, evaluate_frontier, threads, warmup, repeats, progress, quant)
+                                      costs.fixed, evaluate_frontier, threads, warmup, repeats, progress, quant,
+                                      target.name, profile, address)
         stages["evaluate"] = time.perf_counter() - t0
 
     chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
@@ -306,7 +315,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     stages["total"] = time.perf_counter() - t_start
     latency = costs.latency
     info = {
-        "model": model_name, "device": dev, "fingerprint": latency.fingerprint,
+        "model": model_name, "device": dev, "target": target.name, "fingerprint": latency.fingerprint,
         "fingerprint_id": latency.fingerprint_id, "metric": metric, "higher_is_better": higher_is_better,
         "budget": budget.given(), "budget_text": str(budget), "limits": limits,
         "reference": costs.reference.as_dict(), "fixed": costs.fixed, "float_layers_latency_ms": costs.float_layers_ms,
@@ -316,7 +325,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         "tie_tolerance": tie_tolerance, "sensitivity_tables": sorted(sens.tables),
         "solver_stats": dict(allocation.stats), "chosen_score": allocation.score,
         "profile": {"backend": profile, "workloads": len(latency), "measured": latency.measured,
-                    "cache_hits": latency.cache_hits, "repeats": repeats, "warmup": warmup},
+                    "cache_hits": latency.cache_hits, "repeats": repeats, "warmup": warmup, **latency.stats},
         "layers": len(inventory), "kept_float": len(inventory.kept_float), "space_size": space.size(),
         "space_notes": dict(space.notes), "stages_seconds": stages, "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
@@ -332,6 +341,29 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         write_dashboard(out)
     log.info("search done in %.1fs: %r", stages["total"], result)
     return result
+
+
+def search_devices(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], float] | None = None, *,
+                   devices: Iterable[str], out: str | Path | None = None, **options: Any) -> dict[str, SearchResult]:
+    """:func:`search` for each target device (``["cpu", "cuda:h100"]``): each with that device's options, its
+    latencies measured on nodes of that kind, its own frontier and choice. With ``out``, each run goes to
+    ``out/<device>/`` and ``out/dashboard.html`` shows the devices' frontiers side by side."""
+    from mpq.workers.cluster import Target
+
+    targets = [Target.parse(d) for d in devices]
+    if not targets or len({t.name for t in targets}) != len(targets):
+        raise ConfigError(f"devices {list(devices)!r}: give one or more distinct target devices")
+    out = Path(out) if out is not None else None
+    results = {t.name: search(model, calib_data, eval_fn, device=t.name,
+                              out=None if out is None else out / t.slug, **options) for t in targets}
+    if out is not None:
+        from mpq.dashboards import write_dashboard
+
+        (out / "devices.json").write_text(json.dumps(
+            {t.name: {"run": t.slug, "summary": repr(results[t.name]), "fingerprint_id":
+                      results[t.name].info["fingerprint_id"]} for t in targets}, indent=2))
+        write_dashboard([out / t.slug for t in targets], out / "dashboard.html", side_by_side=True)
+    return results
 
 
 def sensitivity_report(model: nn.Module, calib_data: Any, heldout_data: Any,
@@ -418,15 +450,17 @@ class _Costs:
     latency: Any  # LatencyTable
 
 
-def _cost_stage(model, inventory, space, example, dev, profile, address, cache, threads, warmup, repeats,
-                batch_size, progress) -> _Costs:
-    """Measure every workload (cached) and the rest of the forward pass; build the cost table."""
+def _cost_stage(model, inventory, space, example, target, profile, address, workers, cache, threads, warmup,
+                repeats, batch_size, progress) -> _Costs:
+    """Measure every workload (cached) and the rest of the forward pass on the target; build the cost table."""
     from mpq.workers import profile_workloads, time_rest_of_model, workloads_for
+    from mpq.workers.cluster import run_on_target
 
     workloads, by_pair = workloads_for(inventory, space, batch_size)
-    latency = profile_workloads(workloads, dev, backend=profile, address=address, cache=cache, threads=threads,
-                                warmup=warmup, repeats=repeats, progress=progress)
-    rest = time_rest_of_model(model, inventory.names, example, warmup, repeats, threads=threads, device=dev)
+    latency = profile_workloads(workloads, target.name, backend=profile, address=address, cache=cache,
+                                threads=threads, warmup=warmup, repeats=repeats, workers=workers, progress=progress)
+    rest = run_on_target(time_rest_of_model, model, inventory.names, example, warmup, repeats, threads=threads,
+                         device=target.device, target=target, backend=profile, cpus=threads, address=address)
 
     def latency_of(layer, bits: LayerBits) -> float:
         return latency.median_ms(by_pair[(layer.name, bits.name)]) * max(layer.calls, 1)
@@ -439,15 +473,30 @@ def _cost_stage(model, inventory, space, example, dev, profile, address, cache, 
     return _Costs(build_cost_table(inventory, space, latency_of), fixed, reference, float_layers_ms, latency)
 
 
+def _measure_applied(model, inventory, dev, example, eval_fn, candidates, threads, warmup, repeats,
+                     quant: Quantizer) -> tuple[dict, dict, dict]:
+    """Each candidate applied on the real kernels, timed end to end and evaluated; the chosen config's layers also
+    timed in place. Runs where the device is (a Ray task on a node of the target, or here)."""
+    from mpq.workers import time_layers_in_model, time_models
+
+    applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory,
+                                                                   quantizer=quant)
+               for name, choice in candidates.items()}
+    measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev)
+    in_model = time_layers_in_model(applied["chosen"], inventory.names, example, repeats, warmup, threads, dev)
+    real = {name: float(eval_fn(m)) if eval_fn is not None else float("nan") for name, m in applied.items()}
+    return {k: v.as_dict() for k, v in measured.items()}, in_model, real
+
+
 def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, fixed, evaluate_frontier,
-              threads, warmup, repeats, progress, quant: Quantizer) -> pd.DataFrame:
-    """Fake-quant metric along the frontier; each candidate applied on the real kernels, timed and evaluated; the
-    chosen config's layers also timed in place (returned beside the summary)."""
+              threads, warmup, repeats, progress, quant: Quantizer, target: str, profile: str,
+              address: str | None) -> pd.DataFrame:
+    """Fake-quant metric along the frontier (here); the candidates applied, timed and evaluated on the target."""
     from tqdm.auto import tqdm
 
     from mpq.fakequant import fake_quantize
     from mpq.solvers import totals_of
-    from mpq.workers import time_layers_in_model, time_models
+    from mpq.workers.cluster import run_on_target
 
     fq_cache: dict[str, float] = {}
 
@@ -461,19 +510,18 @@ def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, tab
     if evaluate_frontier and eval_fn is not None and len(frontier):
         frontier["metric"] = [fakequant_metric(json.loads(c)) for c in
                               tqdm(frontier["choice"], desc="frontier metrics", disable=not progress, leave=False)]
-    applied = {name: model if name == "float" else apply(copy.deepcopy(model), _config_of(choice), dev, inventory,
-                                                                   quantizer=quant)
-               for name, choice in candidates.items()}
-    measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev)
-    in_model = time_layers_in_model(applied["chosen"], inventory.names, example, repeats, warmup, threads, dev)
+    measured, in_model, real = run_on_target(
+        _measure_applied, model, inventory, dev, example, eval_fn, candidates, threads, warmup, repeats, quant,
+        target=target, backend=profile, cpus=threads, address=address)
     rows = []
     for name, choice in candidates.items():
         score, totals = totals_of(table, choice, fixed)
-        real = float(eval_fn(applied[name])) if eval_fn is not None else float("nan")
         rows.append({"name": name, "score": score, "size_mb": totals["size_mb"], "bops": totals["bops"],
-                     "latency_predicted_ms": totals["latency_ms"], "latency_measured_ms": measured[name].median_ms,
-                     "latency_measured_q1_ms": measured[name].q1_ms, "latency_measured_q3_ms": measured[name].q3_ms,
-                     "metric_fakequant": real if name == "float" else fakequant_metric(choice), "metric_real": real,
+                     "latency_predicted_ms": totals["latency_ms"], "latency_measured_ms": measured[name]["median_ms"],
+                     "latency_measured_q1_ms": measured[name]["q1_ms"],
+                     "latency_measured_q3_ms": measured[name]["q3_ms"],
+                     "metric_fakequant": real[name] if name == "float" else fakequant_metric(choice),
+                     "metric_real": real[name],
                      "histogram": json.dumps(_config_of(choice).histogram()),
                      "choice": json.dumps(dict(sorted(choice.items())))})
     return pd.DataFrame(rows), in_model

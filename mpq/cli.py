@@ -68,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="metric of a Hugging Face model directory (default perplexity)")
         sp.add_argument("--data", default=None,
                         help="data of a Hugging Face model: a text file (perplexity) or a .pt of inputs/labels")
-        sp.add_argument("--device", default=_default(search, "device"), help="cpu (cuda with the GPU kernels)")
+        sp.add_argument("--device", default=None, action="append",
+                        help=f"target device (default {_default(search, 'device')}): cpu, cuda, or a kind of node "
+                             "on a Ray cluster such as cuda:h100 (nodes declare the resource mpq_device_cuda_h100); "
+                             "search: repeat for one frontier per device")
         sp.add_argument("--batch-size", type=int, default=_default(search, "batch_size"),
                         help="batch to profile and time at (default: the calibration batch)")
         sp.add_argument("--threads", type=int, default=_default(search, "threads"),
@@ -91,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--solver-options", default=None, type=json.loads,
                    help='JSON, e.g. \'{"n_trials": 500}\' for optuna or \'{"min_bits": {"fc2": 8}}\'')
     s.add_argument("--profile", default=_default(search, "profile"), choices=["ray", "inprocess"])
+    s.add_argument("--workers", type=int, default=None, help="at most this many profilers per device (default: one "
+                                                               "per device slot of the cluster)")
     s.add_argument("--address", default=_default(search, "address"), help="Ray cluster address (default: local)")
     s.add_argument("--frontier-points", type=int, default=_default(search, "frontier_points"))
     s.add_argument("--repeats", type=int, default=_default(search, "repeats"))
@@ -172,16 +177,34 @@ def cmd_search(args) -> int:
     task = load_task(args.model, args.eval, args.data)
     budget = Budget.parse(",".join(args.budget))
     command = "mpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    result = search(task.model, task.calib, task.eval_fn, budget=budget, device=args.device,
-                    sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options,
-                    quantizer=args.quantizer, batch_size=args.batch_size, profile=args.profile,
-                    address=args.address, out=args.out, metric=task.metric, higher_is_better=task.higher_is_better,
-                    frontier_points=args.frontier_points, threads=args.threads, repeats=args.repeats,
-                    allowed=args.allowed.split(",") if args.allowed else None, cache=not args.no_cache,
-                    model_name=task.name, progress=not args.quiet, command=command)
-    print(summary_line(args.out))
-    print(f"run directory: {Path(args.out).resolve()} (report.md, dashboard.html, config.json)")
-    return 0 if result else 1
+    devices = args.device or [_default(search, "device")]
+    options = dict(budget=budget, sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options,
+                   quantizer=args.quantizer, batch_size=args.batch_size, profile=args.profile, address=args.address,
+                   workers=getattr(args, "workers", None), metric=task.metric,
+                   higher_is_better=task.higher_is_better, frontier_points=args.frontier_points,
+                   threads=args.threads, repeats=args.repeats,
+                   allowed=args.allowed.split(",") if args.allowed else None, cache=not args.no_cache,
+                   model_name=task.name, progress=not args.quiet, command=command)
+    if len(devices) == 1:
+        search(task.model, task.calib, task.eval_fn, device=devices[0], out=args.out, **options)
+        print(summary_line(args.out))
+    else:
+        from mpq.api import search_devices
+        from mpq.workers import Target
+
+        search_devices(task.model, task.calib, task.eval_fn, devices=devices, out=args.out, **options)
+        for d in devices:
+            print(f"{Target.parse(d).name}: {summary_line(Path(args.out) / Target.parse(d).slug)}")
+    print(f"run directory: {Path(args.out).resolve()} (report.md, dashboard.html, config.json"
+          f"{'' if len(devices) == 1 else '; one subdirectory per device'})")
+    return 0
+
+
+def _one_device(args) -> str:
+    devices = args.device or [_default(search, "device")]
+    if len(devices) > 1:
+        raise SystemExit(f"mpq {args.cmd}: one --device at a time (got {devices}); only search takes several")
+    return devices[0]
 
 
 def cmd_profile(args) -> int:
@@ -205,9 +228,10 @@ def cmd_profile(args) -> int:
         raise SystemExit("mpq profile: give --model (to measure), or --export/--import (to move a table)")
     task = load_task(args.model, args.eval, args.data)
     inv = discover_layers(task.model, task.calib[0][0])
-    space = build_search_space(inv, args.device)
+    device = _one_device(args)
+    space = build_search_space(inv, device)
     workloads, _ = workloads_for(inv, space, args.batch_size)
-    table = profile_workloads(workloads, args.device, backend=args.profile, address=args.address,
+    table = profile_workloads(workloads, device, backend=args.profile, address=args.address,
                               cache=False if args.no_cache else (args.cache or True), threads=args.threads,
                               repeats=args.repeats,
                               progress=not args.quiet)
@@ -237,7 +261,8 @@ def cmd_apply(args) -> int:
     float_ms = time_model(task.model, example, threads=args.threads).median_ms
     float_metric = task.eval_fn(task.model)
     float_bytes = state_bytes(task.model)
-    model = apply(copy.deepcopy(task.model), config, args.device, quantizer=args.quantizer, calib_data=task.calib)
+    model = apply(copy.deepcopy(task.model), config, _one_device(args), quantizer=args.quantizer,
+                  calib_data=task.calib)
     ms = time_model(model, example, threads=args.threads).median_ms
     metric = task.eval_fn(model)
     print(json.dumps({"config": args.config, "quantized_layers": len(config.quantized()),

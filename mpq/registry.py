@@ -86,6 +86,12 @@ def normalize_device(device: str) -> str:
     return dev
 
 
+def torch_device(device: str) -> str:
+    """The torch device of a target: ``cuda:1`` stays, a labelled kind (``cuda:h100``) is its plain device."""
+    dev, _, rest = str(device).partition(":")
+    return str(device) if not rest or rest.isdigit() else normalize_device(dev)
+
+
 def _load_plugins() -> None:
     global _loaded
     if not _loaded:

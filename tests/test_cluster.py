@@ -89,6 +89,29 @@ def test_missing_kind_and_too_many_threads_are_clear_errors(cluster):
         profile_workloads(_workloads(1), device="cpu:a", cache=False, threads=2, progress=False)
 
 
+def test_search_on_two_kinds_writes_a_frontier_per_device(cluster, tmp_path, digits_task):
+    import json
+
+    from mpq import search_devices
+    from mpq.dashboards import figures_in
+
+    out = tmp_path / "run"
+    results = search_devices(digits_task.model, digits_task.calib, digits_task.eval_fn, devices=["cpu:a", "cpu:b"],
+                             out=out, budget="size=0.3", sensitivity="entropy", threads=1, repeats=3,
+                             frontier_points=3, progress=False, cache=False)
+    assert set(results) == {"cpu:a", "cpu:b"}
+    nodes_b = _node_ids([cluster.node_b])
+    for name, result in results.items():
+        info = json.loads((out / name.replace(":", "-") / "run.json").read_text())
+        assert info["target"] == name and info["profile"]["backend"] == "ray"
+        measured_on = {k.split("/")[1] for k in info["profile"]["measured_per_node"]}
+        assert measured_on and (measured_on == nodes_b) == (name == "cpu:b")
+        assert result.summary["latency_measured_ms"].gt(0).all()  # whole models timed on a node of the kind
+    frontier = figures_in((out / "dashboard.html").read_text())["frontier"]
+    assert "xaxis2" in frontier["layout"]  # one panel per device, side by side
+    assert {a["text"].split(" (")[0] for a in frontier["layout"]["annotations"]} == {"cpu:a", "cpu:b"}
+
+
 def _run_in_thread(**kwargs):
     out: dict = {}
 

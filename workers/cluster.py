@@ -149,6 +149,11 @@ def _placement(target: Target, threads: int, ray) -> tuple[dict[str, Any], int]:
     return options, slots
 
 
+def _slot_resource(target: Target, options: dict[str, Any]) -> str:
+    """The resource that ``_placement``'s options place by: the kind's own, else Ray's GPUs or CPUs."""
+    return target.resource if "resources" in options else "GPU" if target.device == "cuda" else "CPU"
+
+
 class ProfilerWorker:
     """One device slot's profiler: set up once (threads, CUDA context), then measures chunk after chunk."""
 
@@ -224,9 +229,7 @@ class ProfilerPool:
 
     def _slots_now(self) -> int:
         """Units of the resource the actors are placed by, on the nodes alive now."""
-        key = (self.target.resource if "resources" in self.options else
-               "GPU" if self.target.device == "cuda" else "CPU")
-        return int(self.ray.cluster_resources().get(key, 0))
+        return int(self.ray.cluster_resources().get(_slot_resource(self.target, self.options), 0))
 
     def _check_device(self, unfinished: int) -> None:
         if self._slots_now() < 1:
@@ -317,3 +320,31 @@ class ProfilerPool:
         finally:
             for ref in running:
                 ray.cancel(ref)
+
+
+def runs_remotely(target: Target | str, backend: str) -> bool:
+    """Whether a search's whole-model measurements for ``target`` go to a node of that kind: for a labelled kind on
+    Ray (the driver's own machine need not be one), and for ``cuda`` when this machine has no GPU."""
+    target = Target.parse(target)
+    return backend == "ray" and (target.label is not None or (target.device == "cuda" and
+                                                              not torch.cuda.is_available()))
+
+
+def run_on_target(fn: Callable[..., Any], /, *args: Any, target: Target | str, backend: str, cpus: int,
+                  address: str | None = None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on a node of ``target`` (one Ray task placed like a profiler holding ``cpus`` CPUs,
+    its arguments shipped through the object store), or here when :func:`runs_remotely` says no."""
+    target = Target.parse(target)
+    if not runs_remotely(target, backend):
+        return fn(*args, **kwargs)
+    ray = ensure_ray(address)
+    options, _ = _placement(target, cpus, ray)
+    log.info("running %s on a %s node", getattr(fn, "__name__", fn), target.name)
+    ref = ray.remote(max_retries=3, **options)(fn).remote(*args, **kwargs)
+    while True:
+        done, _ = ray.wait([ref], timeout=2.0)
+        if done:
+            return ray.get(ref)
+        if ray.cluster_resources().get(_slot_resource(target, options), 0) < 1:
+            ray.cancel(ref, force=True)
+            raise DeviceUnavailableError(f"no node of the Ray cluster offers device {target.name!r} any more")
