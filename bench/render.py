@@ -189,6 +189,26 @@ def gpu_quant_section(d: dict) -> list[str]:
     return out + [""]
 
 
+def profile_scale_section(results: list[dict]) -> list[str]:
+    out = ["## Profiling at 7B scale (`python bench/profile_scale.py`)", "",
+           "The Llama-7B-shaped model (32 blocks, built on the meta device), its (layer, option) pairs deduplicated "
+           "into unique workloads, measured with 1 and then 2 profilers (Ray actors, one per device slot).", "",
+           "| device | layers | layer-option pairs | unique workloads | tasks | profilers | wall s | workloads/s | "
+           "rows per node | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        for r in d["runs"]:
+            speed = d["runs"][0]["wall_s"] / r["wall_s"]
+            out.append(f"| {d['device']['name']} ({d['device']['device']}) | {d['layers']} | {d['pairs']} | "
+                       f"{d['unique_workloads']} | {r['tasks']} | {r['profilers']} | {r['wall_s']:.1f} | "
+                       f"{r['workloads_per_s']:.2f} | {', '.join(map(str, r['measured_per_node'].values()))} | "
+                       f"{speed:.2f}x |")
+        m = d["median_ratio"]
+        out += ["", f"{d['date']}, `{d['command']}`: both tables cover the same workloads: {d['tables_same_keys']}; "
+                f"median latency, {d['runs'][-1]['profilers']} profilers / 1: geometric mean {m['geomean']:.2f} "
+                f"(range {m['min']:.2f}-{m['max']:.2f}).", ""]
+    return out
+
+
 def _num(v) -> str:
     return "" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -212,7 +232,8 @@ def main() -> None:
         parts += quantizers_section(load("quantizers.json"))
     if load("gpu_quant.json"):
         parts += gpu_quant_section(load("gpu_quant.json"))
-    groups = {"sensitivity_*.json": sensitivity_section, "hutchinson_*.json": hutchinson_section}
+    groups = {"sensitivity_*.json": sensitivity_section, "hutchinson_*.json": hutchinson_section,
+              "profile_scale_*.json": profile_scale_section}
     for pattern, fn in groups.items():
         found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
         if found:

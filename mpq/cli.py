@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--cache", default=None, help="profile cache file (default: ~/.cache/mpq/profiles.sqlite)")
     pr.add_argument("--profile", default=_default(profile_workloads, "backend"), choices=["ray", "inprocess"])
     pr.add_argument("--address", default=None)
+    pr.add_argument("--workers", type=int, default=None, help="at most this many profilers (default: one per device "
+                                                                "slot of the cluster)")
     pr.add_argument("--repeats", type=int, default=_default(profile_workloads, "repeats"))
     pr.add_argument("--out", default=None, help="write the table as CSV")
     pr.add_argument("--no-cache", action="store_true")
@@ -201,6 +203,8 @@ def cmd_search(args) -> int:
 
 
 def _one_device(args) -> str:
+    from mpq.api import search
+
     devices = args.device or [_default(search, "device")]
     if len(devices) > 1:
         raise SystemExit(f"mpq {args.cmd}: one --device at a time (got {devices}); only search takes several")
@@ -230,9 +234,10 @@ def cmd_profile(args) -> int:
     inv = discover_layers(task.model, task.calib[0][0])
     device = _one_device(args)
     space = build_search_space(inv, device)
-    workloads, _ = workloads_for(inv, space, args.batch_size)
+    workloads, by_pair = workloads_for(inv, space, args.batch_size)
     table = profile_workloads(workloads, device, backend=args.profile, address=args.address,
                               cache=False if args.no_cache else (args.cache or True), threads=args.threads,
+                              workers=args.workers,
                               repeats=args.repeats,
                               progress=not args.quiet)
     if args.out:
@@ -240,8 +245,11 @@ def cmd_profile(args) -> int:
     with pd.option_context("display.width", 160, "display.max_rows", 500):
         print(table.frame[["kind", "option", "weight_shape", "input_shape", "median_ms", "q1_ms", "q3_ms",
                            "source"]].to_string(index=False))
-    print(f"{len(table)} workloads on {table.fingerprint.get('name')} ({table.fingerprint.get('threads')} threads): "
-          f"{table.measured} measured, {table.cache_hits} from cache")
+    st = table.stats
+    print(f"{len(table)} unique workloads (from {len(by_pair)} layer-option pairs of {len(inv)} layers) on "
+          f"{st['target']}, {table.fingerprint.get('name')} ({table.fingerprint.get('threads')} threads): "
+          f"{table.measured} measured in {st['tasks']} tasks, {table.cache_hits} from cache; per node: "
+          f"{st['measured_per_node'] or '-'}")
     return 0
 
 

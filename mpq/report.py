@@ -85,9 +85,12 @@ def render_report(run_dir: str | Path) -> str:
     parts.append(f"- rounding: quantizer `{q.pop('name')}`" + (f" ({', '.join(f'{k}={v}' for k, v in q.items())})"
                                                               if q else ""))
     pr = run.get("profile", {})
-    parts.append(f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('backend')}`: "
-                 f"{pr.get('measured')} measured, {pr.get('cache_hits')} from the profile cache "
-                 f"({pr.get('warmup')} warm-up, {pr.get('repeats')} timed repeats each)")
+    nodes = pr.get("measured_per_node") or {}
+    parts.append(f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('target', run.get('device'))}` "
+                 f"(`{pr.get('backend')}`): {pr.get('measured')} measured in {pr.get('tasks', '?')} tasks, "
+                 f"{pr.get('cache_hits')} from the profile cache ({pr.get('warmup')} warm-up, {pr.get('repeats')} "
+                 f"timed repeats each)" + (f"; per node: {', '.join(f'{k} {v}' for k, v in nodes.items())}"
+                                           if nodes else ""))
     st = run.get("solver_stats", {})
     parts.append(f"- solver: `{run.get('solver')}`, {st.get('variables')} binaries, {_fmt(st.get('seconds'))} s; "
                  f"search space {_fmt(run.get('space_size'))} configs over {run.get('layers')} layers; lowest "

@@ -24,30 +24,14 @@ def _workloads(n: int, width: int = 256) -> list[Workload]:
     return [Workload("linear", (64 + 16 * i, width), True, (32, width), None, "float", kernel) for i in range(n)]
 
 
-def _node(cluster, resources):
-    return cluster.add_node(num_cpus=1, resources=resources, object_store_memory=80 * 2**20)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    from mpq.workers.cluster import _LOCAL_ONLY_ENV
+    from mpq.workers.cluster import start_local_cluster
 
     was_running = ray.is_initialized()
     ray.shutdown()
-    import os
-
-    os.environ[_LOCAL_ONLY_ENV] = "0"  # every node on 127.0.0.1
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20,
-                                                      "include_dashboard": False})
-    c.nodes_a = [_node(c, {A.resource: 1}), _node(c, {A.resource: 1})]
-    c.node_b = _node(c, {B.resource: 1})
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
+    c = start_local_cluster([{A.resource: 1}, {A.resource: 1}, {B.resource: 1}])
+    c.nodes_a, c.node_b = c.worker_nodes_started[:2], c.worker_nodes_started[2]
     yield c
     ray.shutdown()
     c.shutdown()

@@ -57,3 +57,18 @@ def test_digits_training_is_deterministic():
     b, meta_b = train(epochs=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert meta_a["test_top1"] == meta_b["test_top1"] > 0.5
+
+
+def test_llama7b_shaped_dedups_to_a_few_workloads():
+    from mpq.layers import discover_layers
+    from mpq.models.shaped import llama7b_task
+    from mpq.space import build_search_space
+    from mpq.workers import workloads_for
+
+    task = llama7b_task()
+    inventory = discover_layers(task.model, task.calib[0][0])  # on the meta device: no memory, no weights
+    assert len(inventory) == 32 * 7 + 2 and next(task.model.parameters()).is_meta
+    workloads, by_pair = workloads_for(inventory, build_search_space(inventory, "cpu"))
+    shapes = {w.weight_shape for w in workloads}
+    assert shapes == {(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)}
+    assert len(by_pair) > 1000 and len({w.key for w in workloads}) < 40

@@ -47,6 +47,10 @@ def test_ray_table_matches_inprocess(lm_workloads, ray_cluster, tmp_path):
     local = profile_workloads(workloads, backend="inprocess", cache=False, threads=1, **FAST)
     remote = profile_workloads(workloads, backend="ray", cache=ProfileCache(tmp_path / "c.sqlite"), threads=1,
                                **FAST)
+    # the VM's speed drifts between minutes: compare with in-process runs on both sides of the Ray one
+    after = profile_workloads(workloads, backend="inprocess", cache=False, threads=1, **FAST).frame
+    local.frame["median_ms"] = np.sqrt(local.frame["median_ms"] * after.set_index("key")["median_ms"]
+                                       .loc[local.frame["key"]].to_numpy())
     assert list(local.frame.columns) == list(remote.frame.columns) == TABLE_COLUMNS
     assert dict(local.frame.dtypes) == dict(remote.frame.dtypes)
     assert set(local.frame["key"]) == set(remote.frame["key"])

@@ -85,7 +85,7 @@ def ensure_ray(address: str | None = None, **init_options: Any):
     (``init_options``, e.g. ``num_cpus``, go to ``ray.init``)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
-        os.environ[_LOCAL_ONLY_ENV] = "0"  # read by the Ray processes started below (and by ray on import)
+        _bind_to_localhost()
     try:
         import ray
     except ImportError as e:  # pragma: no cover - ray is a core dependency
@@ -98,15 +98,40 @@ def ensure_ray(address: str | None = None, **init_options: Any):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise DeviceUnavailableError(f"could not reach the Ray cluster at {address!r}: {e}") from e
         return ray
-    from ray._private import ray_constants  # the flag is read when ray is imported: set it for this process too
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
     resources = {Target.parse("cpu").resource: 1}
     if torch.cuda.is_available():
         resources[Target.parse("cuda").resource] = torch.cuda.device_count()
     ray.init(**{"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
                 "resources": resources, **init_options})
     return ray
+
+
+def _bind_to_localhost() -> None:
+    """Make the Ray processes this process starts listen on 127.0.0.1 only."""
+    os.environ[_LOCAL_ONLY_ENV] = "0"  # read by the Ray processes started from here, and by ray on import
+    from ray._private import ray_constants  # ray may be imported already: set the flag it read then, too
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_cluster(nodes: list[dict[str, float]], head_cpus: int = 1, object_store_mb: int = 80):
+    """A multi-node Ray cluster on this machine, every node on 127.0.0.1, and this process connected to it: one
+    single-CPU node per entry of ``nodes`` (its custom resources, e.g. ``{"mpq_device_cpu_a": 1}``), to try (and
+    test) the cluster behaviour without a cluster. Returns the ``ray.cluster_utils.Cluster``; ``.shutdown()`` it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        raise RuntimeError("start_local_cluster: this process is already connected to Ray (ray.shutdown() first)")
+    _bind_to_localhost()
+    store = object_store_mb * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "object_store_memory": store,
+                                                            "include_dashboard": False})
+    cluster.worker_nodes_started = [cluster.add_node(num_cpus=1, resources=dict(r), object_store_memory=store)
+                                    for r in nodes]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+    return cluster
 
 
 def available_targets(ray) -> dict[str, float]:
