@@ -165,3 +165,12 @@ def test_last_node_of_a_kind_removed_stops_with_an_error_naming_it(cluster, tmp_
     assert "'cpu:b'" in str(out["error"]) and "not measured" in str(out["error"])
     finished = store.count()
     assert 2 <= finished < len(workloads)  # everything finished before the node went is in the database
+
+
+def test_unreachable_address_is_a_clear_error(monkeypatch):
+    from mpq.workers.cluster import _check_reachable
+
+    with pytest.raises(DeviceUnavailableError, match=r"no Ray cluster answers at '127.0.0.1:1'"):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(DeviceUnavailableError, match="job-API"):
+        _check_reachable("http://127.0.0.1:8265")

@@ -93,6 +93,7 @@ def ensure_ray(address: str | None = None, **init_options: Any):
     if ray.is_initialized():
         return ray
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -104,6 +105,25 @@ def ensure_ray(address: str | None = None, **init_options: Any):
     ray.init(**{"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
                 "resources": resources, **init_options})
     return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the address, when nothing listens there (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto" or address.startswith(("http://", "https://")):
+        if address.startswith("http"):
+            raise DeviceUnavailableError(f"{address!r} is a job-API (dashboard) address; a search connects to the "
+                                         f"cluster's GCS address, host:6379, or runs inside `ray job submit`")
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise DeviceUnavailableError(f"Ray address {address!r}: expected host:port (or 'auto')")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise DeviceUnavailableError(f"no Ray cluster answers at {address!r} ({e}): start one (ray start --head) "
+                                     f"or leave address/RAY_ADDRESS unset to start a local one") from None
 
 
 def _bind_to_localhost() -> None:
