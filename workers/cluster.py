@@ -111,10 +111,10 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail fast, naming the address, when nothing listens there (ray.init would retry for minutes)."""
     import socket
 
-    if address == "auto" or address.startswith(("http://", "https://")):
-        if address.startswith("http"):
-            raise DeviceUnavailableError(f"{address!r} is a job-API (dashboard) address; a search connects to the "
-                                         f"cluster's GCS address, host:6379, or runs inside `ray job submit`")
+    if address.startswith(("http://", "https://")):
+        raise DeviceUnavailableError(f"{address!r} is a job-API (dashboard) address; a search connects to the "
+                                     f"cluster's GCS address, host:6379, or runs inside `ray job submit`")
+    if address == "auto":
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
@@ -188,7 +188,7 @@ def _placement(target: Target, threads: int, ray) -> tuple[dict[str, Any], int]:
         if threads > largest:
             raise ConfigError(f"profiling with {threads} threads needs a node of {target.name!r} with {threads} "
                               f"CPUs; the largest has {largest:g}")
-        # Ray sets OMP_NUM_THREADS from num_cpus; both are set here on purpose, and the actor checks them.
+        # Ray sets OMP_NUM_THREADS from num_cpus; both are set here on purpose (info() reports what the actor got).
         options.update(num_cpus=threads, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
                                                                    "MKL_NUM_THREADS": str(threads)}})
     return options, slots
@@ -289,14 +289,17 @@ class ProfilerPool:
             self.ready[actor] = self.ray.get(ref)
             return actor
         except self.ray.exceptions.RayActorError:
-            self._replace(None)
+            self._lost(actor)
             return None
 
-    def _replace(self, actor) -> None:
-        """Drop a dead actor; start another if its device kind has a slot left for it."""
-        if actor is not None:
-            self.ready.pop(actor, None)
+    def _lost(self, actor) -> None:
+        """Drop a dead actor and start another in its place if there is room."""
+        self.ready.pop(actor, None)
         self.restarts += 1
+        self._refill()
+
+    def _refill(self) -> None:
+        """Start an actor if the device kind has a slot that none of ours holds or waits for."""
         if len(self.ready) + len(self.starting) < min(self.max_actors, self._slots_now()):
             self._spawn()
 
@@ -333,7 +336,7 @@ class ProfilerPool:
                     if not running:
                         self._check_device(sum(map(len, queue)))
                         if not self.starting:
-                            self._replace(None)
+                            self._refill()
                     continue
                 ref = done[0]
                 if ref in self.starting:
@@ -349,7 +352,7 @@ class ProfilerPool:
                     log.warning("the %s profiler on %s died (%s); its %d workloads go back to the queue",
                                 self.target.name, node, type(e).__name__, len(chunk))
                     queue.appendleft(chunk)
-                    self._replace(actor)
+                    self._lost(actor)
                     if not self.ready and not self.starting:
                         self._check_device(sum(map(len, queue)))
                     continue
