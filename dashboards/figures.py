@@ -184,7 +184,8 @@ def quality_figure(view: dict) -> dict:
 
 
 def all_figures(views: dict[str, Any]) -> dict[str, dict]:
-    figs = {"frontier": frontier_figure(views["frontier"], views.get("side_by_side", False)), "bits": bits_figure(views["bits"]),
+    figs = {"frontier": frontier_figure(views["frontier"], views.get("side_by_side", False)),
+            "bits": bits_figure(views["bits"]),
             "heatmap": heatmap_figure(views["heatmap"]), "sensitivity": sensitivity_figure(views["sensitivity"]),
             "latency": latency_figure(views["latency"])}
     if views.get("quality"):

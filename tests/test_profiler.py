@@ -57,8 +57,10 @@ def test_ray_table_matches_inprocess(lm_workloads, ray_cluster, tmp_path):
     assert local.fingerprint_id == remote.fingerprint_id  # same machine, same threads: same device
     a = local.frame.set_index("key")["median_ms"]
     b = remote.frame.set_index("key")["median_ms"].loc[a.index]
-    ratio = (b / a)[a > 0.05]  # lookups of a few microseconds are dominated by call overhead: too noisy to compare
-    assert len(ratio) == 15
+    # embedding lookups take a few microseconds, dominated by call overhead: too noisy to compare
+    gemms = local.frame.set_index("key")["kind"] != "embedding"
+    ratio = (b / a)[gemms & (a > 0.05)]
+    assert len(ratio) >= 15
     assert 0.5 < float(np.exp(np.log(ratio).mean())) < 2.0, ratio.describe()
     assert ratio.between(0.2, 5.0).all(), ratio.describe()
     assert (remote.frame["source"] == "measured").all() and remote.measured == len(workloads)

@@ -10,6 +10,7 @@ from mpq.workers.timing import (TimingStats, time_callable, time_layers_in_model
 from mpq.workers.workloads import Workload, workload_of, workloads_for
 
 __all__ = ["ProfileCache", "default_cache_dir", "device_fingerprint", "fingerprint_id", "LatencyTable",
-           "ensure_ray", "DeviceUnavailableError", "ProfilerPool", "Target", "measure_workloads", "profile_workloads", "TimingStats", "time_callable", "time_model",
+           "ensure_ray", "DeviceUnavailableError", "ProfilerPool", "Target", "measure_workloads",
+           "profile_workloads", "TimingStats", "time_callable", "time_model",
            "time_models", "time_rest_of_model", "time_layers_in_model",
            "Workload", "workload_of", "workloads_for"]
