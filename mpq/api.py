@@ -214,6 +214,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
            allowed: Iterable[LayerBits | str] | None = None, pinned: Mapping[str, LayerBits | str] | None = None,
            threads: int | None = None, repeats: int = 15, warmup: int = 3, cache: bool | str | Path = True,
            sensitivity_options: Mapping[str, Any] | None = None, evaluate_frontier: bool = True,
+           evaluate_workers: int | None = None,
            tie_tolerance: float = 0.01, quantizer: str | Quantizer = "minmax",
            quantizer_options: Mapping[str, Any] | None = None,
            model_name: str | None = None, progress: bool = True, command: str | None = None) -> SearchResult:
@@ -246,6 +247,10 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     ``quantizer``: how the integers of every option are chosen (``"minmax"``, ``"mse"`` clipping, ``"gptq"`` error
     feedback from the calibration inputs; see :mod:`mpq.quantizers`), with ``quantizer_options``. The estimators
     score the weights it produces and ``apply`` installs them, so the search allocates bits for the rounding used.
+
+    ``evaluate_frontier``: ``eval_fn`` on every frontier point, fake-quantized; with ``evaluate_workers`` (and
+    ``profile="ray"``) these evaluations fan out over that many Ray actors, each holding one copy of the model and
+    ``eval_fn`` (which must then be picklable).
 
     ``tie_tolerance``: scores are normalised so that every layer at its most aggressive option sums to 1; allocations
     within this much of the lowest total score are ties for practical purposes, and the fastest of them is chosen
@@ -304,7 +309,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
         candidates["uniform_int4"] = uniform_choice(space, INT4_PREFERENCE, fallback=candidates["uniform_int8"])
         summary, in_model = _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table,
                                       costs.fixed, evaluate_frontier, threads, warmup, repeats, progress, quant,
-                                      target.name, profile, address)
+                                      target.name, profile, address, evaluate_workers)
         stages["evaluate"] = time.perf_counter() - t0
 
     chosen_key = json.dumps(dict(sorted(allocation.choice.items())))
@@ -489,13 +494,21 @@ def _measure_applied(model, inventory, dev, example, eval_fn, candidates, thread
     return {k: v.as_dict() for k, v in measured.items()}, in_model, real
 
 
+def _fakequant_eval(shared: tuple, choice: Mapping[str, str]) -> float:
+    """``eval_fn`` on the model with ``choice`` fake-quantized; ``shared`` is (model, inventory, device, quantizer,
+    eval_fn), as one Ray actor holds it."""
+    from mpq.fakequant import fake_quantize
+
+    model, inventory, dev, quant, eval_fn = shared
+    return float(eval_fn(fake_quantize(model, _config_of(choice), dev, inventory, quantizer=quant)))
+
+
 def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, table, fixed, evaluate_frontier,
               threads, warmup, repeats, progress, quant: Quantizer, target: str, profile: str,
-              address: str | None) -> pd.DataFrame:
+              address: str | None, evaluate_workers: int | None) -> pd.DataFrame:
     """Fake-quant metric along the frontier (here); the candidates applied, timed and evaluated on the target."""
     from tqdm.auto import tqdm
 
-    from mpq.fakequant import fake_quantize
     from mpq.solvers import totals_of
     from mpq.workers.cluster import run_on_target
 
@@ -504,11 +517,17 @@ def _evaluate(model, inventory, dev, example, eval_fn, candidates, frontier, tab
     def fakequant_metric(choice: Mapping[str, str]) -> float:
         k = json.dumps(dict(sorted(choice.items())))
         if eval_fn is not None and k not in fq_cache:
-            fq_cache[k] = float(eval_fn(fake_quantize(model, _config_of(choice), dev, inventory,
-                                                                 quantizer=quant)))
+            fq_cache[k] = _fakequant_eval((model, inventory, dev, quant, eval_fn), choice)
         return fq_cache.get(k, float("nan"))
 
     if evaluate_frontier and eval_fn is not None and len(frontier):
+        if evaluate_workers and profile == "ray":  # fan out: each actor holds one copy of the model and evaluator
+            from mpq.workers.cluster import map_with_shared
+
+            todo = [json.loads(c) for c in sorted(set(frontier["choice"]))]
+            metrics = map_with_shared(_fakequant_eval, (model, inventory, dev, quant, eval_fn), todo,
+                                      evaluate_workers, address)
+            fq_cache.update((json.dumps(dict(sorted(c.items()))), v) for c, v in zip(todo, metrics))
         frontier["metric"] = [fakequant_metric(json.loads(c)) for c in
                               tqdm(frontier["choice"], desc="frontier metrics", disable=not progress, leave=False)]
     measured, in_model, real = run_on_target(

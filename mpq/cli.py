@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default=_default(search, "profile"), choices=["ray", "inprocess"])
     s.add_argument("--workers", type=int, default=None, help="at most this many profilers per device (default: one "
                                                                "per device slot of the cluster)")
+    s.add_argument("--evaluate-workers", type=int, default=_default(search, "evaluate_workers"),
+                   help="with --profile ray: evaluate the frontier points on this many Ray actors")
     s.add_argument("--address", default=_default(search, "address"), help="Ray cluster address (default: local)")
     s.add_argument("--frontier-points", type=int, default=_default(search, "frontier_points"))
     s.add_argument("--repeats", type=int, default=_default(search, "repeats"))
@@ -182,7 +184,8 @@ def cmd_search(args) -> int:
     devices = args.device or [_default(search, "device")]
     options = dict(budget=budget, sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options,
                    quantizer=args.quantizer, batch_size=args.batch_size, profile=args.profile, address=args.address,
-                   workers=getattr(args, "workers", None), metric=task.metric,
+                   workers=getattr(args, "workers", None),
+                   evaluate_workers=getattr(args, "evaluate_workers", None), metric=task.metric,
                    higher_is_better=task.higher_is_better, frontier_points=args.frontier_points,
                    threads=args.threads, repeats=args.repeats,
                    allowed=args.allowed.split(",") if args.allowed else None, cache=not args.no_cache,

@@ -267,3 +267,28 @@ def test_search_char_lm_with_estimator(name, lm_task):
                         progress=False, metric="perplexity", higher_is_better=False)
     assert result.info["estimator"] == name
     assert result.row("chosen")["size_mb"] <= result.info["limits"]["size_mb"] + 1e-12
+
+
+@pytest.mark.ray
+def test_frontier_evaluations_fan_out_over_ray_actors(digits_task, ray_cluster, tmp_path):
+    import os
+
+    log = tmp_path / "pids"
+    inner = digits_task.eval_fn
+
+    def eval_fn(model):  # notes which process evaluated
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return inner(model)
+
+    common = dict(budget="size=0.3", sensitivity="entropy", profile="ray", threads=1, repeats=3,
+                  frontier_points=4, progress=False)
+    here = mpq.search(digits_task.model, digits_task.calib, eval_fn, **common)
+    log.unlink()
+    fanned = mpq.search(digits_task.model, digits_task.calib, eval_fn, evaluate_workers=2, **common)
+    assert len(set(log.read_text().split()) - {str(os.getpid())}) >= 1  # some evaluations ran in Ray actors
+    a = dict(zip(here.frontier["choice"], here.frontier["metric"]))
+    b = dict(zip(fanned.frontier["choice"], fanned.frontier["metric"]))
+    shared = set(a) & set(b)
+    assert len(shared) >= 3 and all(math.isfinite(v) for v in [*a.values(), *b.values()])
+    assert {c: a[c] for c in shared} == {c: b[c] for c in shared}  # the same evaluations, elsewhere: same numbers

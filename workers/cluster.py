@@ -396,3 +396,48 @@ def run_on_target(fn: Callable[..., Any], /, *args: Any, target: Target | str, b
         if ray.cluster_resources().get(_slot_resource(target, options), 0) < 1:
             ray.cancel(ref, force=True)
             raise DeviceUnavailableError(f"no node of the Ray cluster offers device {target.name!r} any more")
+
+
+class _Holder:
+    """An actor's copy of the shared state, and the function applied to each item with it."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any], shared: Any):
+        self.fn, self.shared = fn, shared
+
+    def call(self, item: Any) -> Any:
+        return self.fn(self.shared, item)
+
+
+def map_with_shared(fn: Callable[[Any, Any], Any], shared: Any, items: list, workers: int | None = None,
+                    address: str | None = None) -> list:
+    """``[fn(shared, item) for item in items]`` on Ray actors (one CPU each) that each hold one copy of ``shared``,
+    put in the object store once (a model, its data, an evaluator). An actor that dies gives its item back to the
+    queue and is replaced; an exception raised by ``fn`` propagates."""
+    if not items:
+        return []
+    ray = ensure_ray(address)
+    n = max(1, min(workers or int(ray.available_resources().get("CPU", 1)), len(items)))
+    shared_ref = ray.put(shared)
+    cls = ray.remote(num_cpus=1)(_Holder)
+    actors = [cls.remote(fn, shared_ref) for _ in range(n)]
+    queue, running, results = deque(range(len(items))), {}, {}
+    try:
+        while queue or running:
+            while queue and actors:
+                actor, i = actors.pop(), queue.popleft()
+                running[actor.call.remote(items[i])] = (actor, i)
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, i = running.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except ray.exceptions.RayActorError:
+                log.warning("an evaluation actor died; its item goes back to the queue")
+                queue.appendleft(i)
+                actor = cls.remote(fn, shared_ref)
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
+            actors.append(actor)
+    finally:
+        for actor in [*actors, *(a for a, _ in running.values())]:
+            ray.kill(actor)
+    return [results[i] for i in range(len(items))]
