@@ -14,6 +14,11 @@ each ready actor one chunk of workloads at a time and streams results back as th
 the database before the next arrives. An actor that dies (its process killed, its node removed) gives its chunk
 back to the queue and is replaced when its device kind has a free slot; when no node of the kind is left, the run
 stops with :class:`DeviceUnavailableError` naming the device, and everything finished is already stored.
+
+Also here: :func:`run_on_target` runs one function on a node of a target (a search's whole-model timings for a
+labelled kind), :func:`map_with_shared` fans items out over actors that each hold one copy of a model (frontier
+evaluations), :func:`ensure_ray` connects or starts a local cluster bound to 127.0.0.1, and
+:func:`start_local_cluster` starts a multi-node one on this machine for trying and testing all of the above.
 """
 
 from __future__ import annotations
