@@ -174,3 +174,48 @@ def test_unreachable_address_is_a_clear_error(monkeypatch):
         _check_reachable("127.0.0.1:1")
     with pytest.raises(DeviceUnavailableError, match="job-API"):
         _check_reachable("http://127.0.0.1:8265")
+
+
+class _FakeRay:
+    """``ray.nodes()`` / ``cluster_resources()`` of a cluster that is not there: placement is plain data."""
+
+    def __init__(self, *nodes: dict):
+        self._nodes = [{"Alive": True, "Resources": r} for r in nodes]
+
+    def nodes(self):
+        return self._nodes
+
+    def cluster_resources(self):
+        total: dict = {}
+        for n in self._nodes:
+            for k, v in n["Resources"].items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+
+def test_gpu_placement_is_one_actor_per_gpu_of_the_kind(caplog):
+    from mpq.workers.cluster import _placement
+
+    fake = _FakeRay({"CPU": 32, "GPU": 8, "mpq_device_cuda_h100": 8}, {"CPU": 16, "GPU": 2, "mpq_device_cuda_a100": 2},
+                    {"CPU": 2, "mpq_device_cpu": 1})
+    options, slots = _placement(Target.parse("cuda:h100"), 4, fake)
+    assert slots == 8 and options["num_gpus"] == 1 and options["resources"] == {"mpq_device_cuda_h100": 1}
+    options, slots = _placement(Target.parse("cuda"), 4, fake)  # no plain "cuda" resource: Ray's GPU count
+    assert slots == 10 and options == {"num_gpus": 1, "num_cpus": 1}
+    options, slots = _placement(Target.parse("cpu"), 2, fake)
+    assert slots == 1 and options["num_cpus"] == 2 and options["resources"] == {"mpq_device_cpu": 1}
+    assert options["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    with pytest.raises(DeviceUnavailableError, match="'cuda:l4'.*cuda_a100.*cuda_h100"):
+        _placement(Target.parse("cuda:l4"), 1, fake)
+    options, slots = _placement(Target.parse("cpu"), 4, _FakeRay({"CPU": 8}, {"CPU": 2}))
+    assert slots == 1 and "placed by CPU count alone" in caplog.text  # only one node has 4 CPUs
+
+
+def test_target_names():
+    assert Target.parse("cuda:0") == Target("cuda", "cuda") and Target.parse("CUDA:H100").name == "cuda:h100"
+    assert Target.parse("cpu:graviton-3").resource == "mpq_device_cpu_graviton_3"
+    assert Target.parse("cuda:h100").slug == "cuda-h100"
+    with pytest.raises(ValueError, match="label"):
+        Target.parse("cuda:h 100")
+    with pytest.raises(ValueError, match="not supported"):
+        Target.parse("tpu:v5")
