@@ -181,7 +181,7 @@ def cmd_search(args) -> int:
     task = load_task(args.model, args.eval, args.data)
     budget = Budget.parse(",".join(args.budget))
     command = "mpq " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    devices = args.device or [_default(search, "device")]
+    devices = _devices(args)
     options = dict(budget=budget, sensitivity=args.sensitivity, solver=args.solver, solver_options=args.solver_options,
                    quantizer=args.quantizer, batch_size=args.batch_size, profile=args.profile, address=args.address,
                    workers=getattr(args, "workers", None),
@@ -205,10 +205,16 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _one_device(args) -> str:
+def _devices(args) -> list[str]:
+    """The ``--device`` values (a run directory saved before ``--device`` could repeat holds one string)."""
     from mpq.api import search
 
-    devices = args.device or [_default(search, "device")]
+    given = args.device or [_default(search, "device")]
+    return [given] if isinstance(given, str) else list(given)
+
+
+def _one_device(args) -> str:
+    devices = _devices(args)
     if len(devices) > 1:
         raise SystemExit(f"mpq {args.cmd}: one --device at a time (got {devices}); only search takes several")
     return devices[0]

@@ -102,3 +102,15 @@ def test_search_with_pareto_solver(tmp_path):
             "inprocess", "--repeats", "3", "--frontier-points", "4", "--solver", "pareto")
     run = json.loads((out / "run.json").read_text())
     assert run["solver"].startswith("pareto") and (out / "frontier.csv").exists()
+
+
+def test_device_arguments():
+    import argparse
+
+    from mpq.cli import _devices, _one_device
+
+    assert _devices(argparse.Namespace(device="cpu")) == ["cpu"]  # a run directory saved before --device repeated
+    assert _devices(argparse.Namespace(device=None)) == ["cpu"]
+    assert _devices(argparse.Namespace(device=["cpu", "cuda:h100"])) == ["cpu", "cuda:h100"]
+    with pytest.raises(SystemExit, match="one --device at a time"):
+        _one_device(argparse.Namespace(device=["cpu", "cuda:h100"], cmd="profile"))
