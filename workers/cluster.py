@@ -255,8 +255,7 @@ class ProfilerPool:
         self.per_node: Counter = Counter()
         self.restarts = 0
         self._id, self._spawned = uuid.uuid4().hex[:6], 0
-        for _ in range(self.max_actors):
-            self._spawn()
+        self._spawn()  # one to read the fingerprint; run() starts as many more as the work can use
 
     def __enter__(self) -> ProfilerPool:
         return self
@@ -329,6 +328,8 @@ class ProfilerPool:
         from mpq.workers.profiler import WorkloadError
 
         ray = self.ray
+        while len(self.ready) + len(self.starting) < min(self.max_actors, len(chunks)):
+            self._spawn()
         queue, running, idle = deque(chunks), {}, list(self.ready)
         try:
             while queue or running:

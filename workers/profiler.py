@@ -164,7 +164,8 @@ def profile_workloads(workloads: Iterable[Workload], device: str = "cpu", backen
             bar.close()
         stats = {"target": target.name, "unique_workloads": len(workloads), "tasks": len(chunks),
                  "measured_per_node": dict(pool.per_node) if pool else ({host(): len(todo)} if todo else {}),
-                 "workers": pool.max_actors if pool else 1, "actor_restarts": pool.restarts if pool else 0}
+                 "workers": min(pool.max_actors, max(len(chunks), 1)) if pool else 1,
+                 "actor_restarts": pool.restarts if pool else 0}
     finally:
         if pool:
             pool.close()
