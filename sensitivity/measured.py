@@ -107,6 +107,14 @@ class DeltaRunner:
         return rows
 
 
+def _runner_of(shared: tuple) -> DeltaRunner:
+    return DeltaRunner(*shared)
+
+
+def _measure_chunk(runner: DeltaRunner, configs: list[dict[str, str]]) -> list[dict[str, float]]:
+    return runner.measure(configs)
+
+
 def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[str, str]], inventory: LayerInventory,
                   device: str | None, loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",),
                   backend: str = "inprocess", address: str | None = None, workers: int | None = None,
@@ -129,26 +137,14 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
             for chunk in chunks:
                 results.update(zip(chunk, runner.measure([configs[i] for i in chunk])))
                 bar.update(len(chunk))
-        elif backend == "ray":
-            from mpq.workers import ensure_ray
+        elif backend == "ray":  # each actor holds one copy of the model and batches, shipped once
+            from mpq.workers.cluster import map_with_shared
 
-            ray = ensure_ray(address)
-            n_workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-            n_workers = max(1, min(n_workers, len(chunks)))
-            actor_cls = ray.remote(num_cpus=1)(DeltaRunner)
-            model_ref, batches_ref = ray.put(model), ray.put(calib.batches)  # one copy in the object store
-            quantizer_ref = ray.put(quantizer)
-            actors = [actor_cls.remote(model_ref, batches_ref, inventory, device, loss_fn, metrics, 1, quantizer_ref)
-                      for _ in range(n_workers)]
-            pending = {actors[i % n_workers].measure.remote([configs[j] for j in chunk]): chunk
-                       for i, chunk in enumerate(chunks)}
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                chunk = pending.pop(done[0])
-                results.update(zip(chunk, ray.get(done[0])))
-                bar.update(len(chunk))
-            for a in actors:
-                ray.kill(a)
+            shared = (model, calib.batches, inventory, device, loss_fn, metrics, 1, quantizer)
+            damage = map_with_shared(_measure_chunk, shared, [[configs[j] for j in c] for c in chunks], workers,
+                                     address, setup=_runner_of, on_result=lambda i, _: bar.update(len(chunks[i])))
+            for chunk, values in zip(chunks, damage):
+                results.update(zip(chunk, values))
         else:
             raise ValueError(f"backend {backend!r} not supported: use 'ray' or 'inprocess'")
     finally:

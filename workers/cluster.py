@@ -405,27 +405,29 @@ def run_on_target(fn: Callable[..., Any], /, *args: Any, target: Target | str, b
 
 
 class _Holder:
-    """An actor's copy of the shared state, and the function applied to each item with it."""
+    """An actor's state (``setup(shared)``, or ``shared`` itself), and the function applied to each item with it."""
 
-    def __init__(self, fn: Callable[[Any, Any], Any], shared: Any):
-        self.fn, self.shared = fn, shared
+    def __init__(self, fn: Callable[[Any, Any], Any], shared: Any, setup: Callable[[Any], Any] | None = None):
+        self.fn, self.state = fn, shared if setup is None else setup(shared)
 
     def call(self, item: Any) -> Any:
-        return self.fn(self.shared, item)
+        return self.fn(self.state, item)
 
 
 def map_with_shared(fn: Callable[[Any, Any], Any], shared: Any, items: list, workers: int | None = None,
-                    address: str | None = None) -> list:
-    """``[fn(shared, item) for item in items]`` on Ray actors (one CPU each) that each hold one copy of ``shared``,
-    put in the object store once (a model, its data, an evaluator). An actor that dies gives its item back to the
-    queue and is replaced; an exception raised by ``fn`` propagates."""
+                    address: str | None = None, setup: Callable[[Any], Any] | None = None,
+                    on_result: Callable[[int, Any], None] | None = None) -> list:
+    """``[fn(state, item) for item in items]`` on Ray actors (one CPU each) that each hold one copy of ``shared``,
+    put in the object store once (a model, its data, an evaluator); an actor's ``state`` is ``setup(shared)``, built
+    once per actor, or ``shared`` itself. ``on_result(i, value)`` hears of each result as it arrives. An actor that
+    dies gives its item back to the queue and is replaced; an exception raised by ``fn`` propagates."""
     if not items:
         return []
     ray = ensure_ray(address)
     n = max(1, min(workers or int(ray.available_resources().get("CPU", 1)), len(items)))
     shared_ref = ray.put(shared)
     cls = ray.remote(num_cpus=1)(_Holder)
-    actors = [cls.remote(fn, shared_ref) for _ in range(n)]
+    actors = [cls.remote(fn, shared_ref, setup) for _ in range(n)]
     queue, running, results = deque(range(len(items))), {}, {}
     try:
         while queue or running:
@@ -437,11 +439,14 @@ def map_with_shared(fn: Callable[[Any, Any], Any], shared: Any, items: list, wor
             try:
                 results[i] = ray.get(done[0])
             except ray.exceptions.RayActorError:
-                log.warning("an evaluation actor died; its item goes back to the queue")
+                log.warning("a Ray worker died; its item goes back to the queue")
                 queue.appendleft(i)
-                actor = cls.remote(fn, shared_ref)
+                actor = cls.remote(fn, shared_ref, setup)
             except ray.exceptions.RayTaskError as e:
                 raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
+            else:
+                if on_result is not None:
+                    on_result(i, results[i])
             actors.append(actor)
     finally:
         for actor in [*actors, *(a for a, _ in running.values())]:
