@@ -189,6 +189,57 @@ def gpu_quant_section(d: dict) -> list[str]:
     return out + [""]
 
 
+def gpu_kernels_section(d: dict) -> list[str]:
+    env, rows = d["env"], d["rows"]
+    out = ["## CUTLASS W8A8 and W4A16 on the GPU (`python bench/gpu_kernels.py --all-configs`)", "",
+           f"{env.get('gpu')} (driver {env['device'].get('driver')}), torch {env['torch']}, CUDA {env['cuda']}, "
+           f"{env['date']}; command: `{env['command']}` (all in one run through `bash bench/gpu_suite.sh`). Median ms "
+           "of CUDA events, interleaved, L2 flushed before every sample. W8A8 GEMM: INT8 operands in, scales and "
+           "bf16 out fused; W8A8 layer: the per-token quantization kernel + the GEMM; W4A16: group 128, bf16 "
+           "activations; tinygemm: `aten._weight_int4pack_mm`, group 128.", "",
+           "| N x K | m | bf16 | `_int_mm` | W8A8 GEMM | W8A8 layer | W4A16 | tinygemm | `_int_mm` / W8A8 | "
+           "bf16 / W8A8 layer | bf16 / W4A16 | bf16 / tinygemm | W8A8 TOP/s | W8A8 GB/s | W4A16 GB/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['n']} x {r['k']} | {r['m']} | {r['bf16_ms']:.4f} | {_num(r.get('int_mm_ms'))} | "
+                   f"{r['cutlass_w8a8_gemm_ms']:.4f} | {r['cutlass_w8a8_layer_ms']:.4f} | "
+                   f"{r['cutlass_w4a16_ms']:.4f} | {_num(r.get('tinygemm_w4a16_ms'))} | "
+                   f"{_num(r.get('int_mm_over_w8a8_gemm'))} | {r['bf16_over_w8a8_layer']:.2f} | "
+                   f"{r['bf16_over_w4a16']:.2f} | {_num(r.get('bf16_over_tinygemm'))} | {r['w8a8_tops']:.0f} | "
+                   f"{r['w8a8_gbs']:.0f} | {r['w4a16_gbs']:.0f} |")
+    big = [r for r in rows if r["m"] == r["n"] == r["k"] == 8192]
+    prefill = [r["int_mm_over_w8a8_gemm"] for r in rows if r["m"] >= 128 and "int_mm_over_w8a8_gemm" in r]
+    decode = [r["bf16_over_w4a16"] for r in rows if r["m"] in (1, 16) and r["n"] != 8192]
+    out += ["", "Goals (H100): W8A8 >= 1.4x `_int_mm` at 8192^3: "
+            + (f"{big[0]['int_mm_over_w8a8_gemm']:.2f}x" if big else "not measured")
+            + f"; >= 1.0x at every m >= 128 shape: min {min(prefill):.2f}x; W4A16 >= 3.5x bf16 at m = 1 and 16: "
+            f"{min(decode):.2f}x to {max(decode):.2f}x. Peaks: 1979 dense INT8 TOP/s, 3.35 TB/s HBM.", ""]
+    configs = sorted(k for k in rows[0] if k.startswith(("w8a8_config", "w4a16_config")))
+    if configs:
+        out += ["Every tile configuration (ms; `kernels/csrc/*_c<N>.cu`; the tables in `kernels/cutlass_w8a8.py` "
+                "and `kernels/cutlass_w4a16.py` pick among them by m; W4A16 4-6 run on reordered weights):", "",
+                "| N x K | m | " + " | ".join(c[:-3].replace("_config", " ") for c in configs) + " |",
+                "|---|---|" + "---|" * len(configs)]
+        for r in rows:
+            out.append(f"| {r['n']} x {r['k']} | {r['m']} | " + " | ".join(f"{r[c]:.4f}" for c in configs) + " |")
+        out.append("")
+    return out
+
+
+def gpu_e2e_section(d: dict) -> list[str]:
+    env = d["env"]
+    out = ["## Llama-7B-shaped stack on the GPU (`python bench/gpu_e2e.py`)", "",
+           f"{env.get('gpu')}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}; command: `{env['command']}`."
+           f" {d['blocks']} decoder blocks of Llama-7B's shapes with embedding and head (random bf16 weights), "
+           "applied on the real kernels; decode = 1 token, prefill = 2048 tokens; eager calls and CUDA-graph "
+           f"replays. The mixed config is `mpq.search`'s under `{d['budget']}` (relative to bf16, profiled on this "
+           f"GPU: {d['profiled_workloads']} workloads): {d['mixed_histogram']}.", "",
+           "| phase | mode | config | ms | speed-up vs bf16 |", "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        out.append(f"| {r['phase']} | {r['mode']} | {r['config']} | {r['ms']:.3f} | {r['speedup_vs_bf16']:.2f}x |")
+    return out + [""]
+
+
 def profile_scale_section(results: list[dict]) -> list[str]:
     out = ["## Profiling at 7B scale (`python bench/profile_scale.py`)", "",
            "The Llama-7B-shaped model (32 blocks, built on the meta device), its (layer, option) pairs deduplicated "
@@ -232,6 +283,10 @@ def main() -> None:
         parts += quantizers_section(load("quantizers.json"))
     if load("gpu_quant.json"):
         parts += gpu_quant_section(load("gpu_quant.json"))
+    if load("gpu_kernels.json"):
+        parts += gpu_kernels_section(load("gpu_kernels.json"))
+    if load("gpu_e2e.json"):
+        parts += gpu_e2e_section(load("gpu_e2e.json"))
     groups = {"sensitivity_*.json": sensitivity_section, "hutchinson_*.json": hutchinson_section,
               "profile_scale_*.json": profile_scale_section}
     for pattern, fn in groups.items():

@@ -5,7 +5,7 @@ CPU kernels are PyTorch's own integer kernels (fbgemm dynamic INT8 GEMM, ``_weig
 present, so this package imports cleanly on a machine without a GPU.
 """
 
-from mpq.kernels import cpu, cuda_fp8, embedding  # noqa: F401  (registers the kernels; CUDA ones check at use)
+from mpq.kernels import cpu, cuda_fp8, cutlass_w4a16, cutlass_w8a8, embedding  # noqa: F401  (registers)
 from mpq.kernels.gemm import QuantGemm
 
-__all__ = ["QuantGemm", "cpu", "cuda_fp8", "embedding"]
+__all__ = ["QuantGemm", "cpu", "cuda_fp8", "cutlass_w4a16", "cutlass_w8a8", "embedding"]

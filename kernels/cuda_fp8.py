@@ -52,7 +52,7 @@ class FP8Gemm(QuantGemm):
         else:
             q, s = fp8_per_token(pad_to(x, rows=rows))
         y = torch._scaled_mm(q, self.qweight.t(), scale_a=s, scale_b=self.scale, out_dtype=torch.bfloat16)
-        return self._add_bias(y[:m].float())
+        return self._add_bias(y[:m])
 
 
 @register_kernel

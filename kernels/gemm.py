@@ -82,16 +82,17 @@ class QuantGemm(WeightStandIn, nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype  # the output has the caller's dtype (float32 or bf16 models), whatever the kernel writes
         if self.input_dtype is not None:
             x = x.to(self.input_dtype)
         if self.kind == "linear":
             lead = x.shape[:-1]
-            return self.gemm(x.reshape(-1, self.k)).reshape(*lead, self.n)
+            return self.gemm(x.reshape(-1, self.k)).reshape(*lead, self.n).to(dtype)
         if self.kind == "conv1d":
             x4 = x.unsqueeze(2)
             y = self._conv2d(x4, (1, *self.kernel_size), (1, *self.stride), (0, *self.padding), (1, *self.dilation))
-            return y.squeeze(2)
-        return self._conv2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+            return y.squeeze(2).to(dtype)
+        return self._conv2d(x, self.kernel_size, self.stride, self.padding, self.dilation).to(dtype)
 
     def _conv2d(self, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
         b, _, h, w = x.shape

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 from typing import Any
 
 import torch
@@ -36,10 +37,33 @@ def device_fingerprint(device: str = "cpu") -> dict[str, Any]:
                    "threads": torch.get_num_threads(),
                    "quantized_engine": torch.backends.quantized.engine})
     else:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
         fp.update({"name": props.name, "sm_count": props.multi_processor_count,
-                   "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda})
+                   "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+                   "memory_gib": round(props.total_memory / 2**30), "l2_mib": getattr(props, "L2_cache_size", 0) >> 20,
+                   **_nvidia_smi(index)})
     return fp
+
+
+def _nvidia_smi(index: int) -> dict[str, Any]:
+    """Driver version and maximum SM/memory clocks (fixed properties: current clocks would split the cache)."""
+    fields = ["driver_version", "clocks.max.sm", "clocks.max.mem"]
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                              f"--id={_physical_index(index)}"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    if out.returncode != 0 or len(values) != len(fields):
+        return {}
+    return {"driver": values[0], "max_sm_mhz": values[1], "max_mem_mhz": values[2]}
+
+
+def _physical_index(index: int) -> str:
+    """nvidia-smi numbers GPUs physically; CUDA_VISIBLE_DEVICES (set by Ray for a GPU actor) renumbers them."""
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index].strip() if index < len(visible) else str(index)
 
 
 def fingerprint_id(fp: dict[str, Any]) -> str:

@@ -1,11 +1,14 @@
 """Timing: warm-up, repeats of enough calls to be measurable, median and spread.
 
 Several models compared with each other are timed in interleaved rounds (:func:`time_models`), so that the slow
-phases of a shared machine fall on all of them alike rather than on whichever ran during one.
+phases of a shared machine fall on all of them alike rather than on whichever ran during one. On a CUDA device a
+workload is timed with CUDA events around each call, L2 flushed before each sample and, where it can be captured,
+from a CUDA graph (:func:`time_cuda_callable`); whole models are timed as the host sees them (eager launches).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -14,6 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,69 @@ def _samples(fn: Callable[[], Any], repeats: int, inner: int, device: str) -> li
     return out
 
 
+def _l2_flush_buffer() -> torch.Tensor:
+    """A buffer twice the GPU's L2 size: writing it before a sample evicts every operand of the previous one."""
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 * 2**20
+    return torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+
+
+def as_cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any] | None:
+    """``fn`` captured in a CUDA graph (its replay launches every kernel at once, so a sample times the GPU, not
+    Python's launch overhead), or None where ``fn`` cannot be captured (it synchronizes, or runs on the CPU)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):  # warm-up on a side stream, as graph capture asks
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        log.debug("CUDA graph capture failed (%s); timing eager calls", e)
+        _end_failed_capture()
+        return None
+    return graph.replay
+
+
+def _end_failed_capture() -> None:
+    """A capture that failed leaves torch's CUDA generator marked as capturing (the next random draw would raise
+    "Offset increment outside graph capture"); a trivial capture that succeeds ends that state."""
+    torch.cuda.synchronize()
+    graph, x = torch.cuda.CUDAGraph(), torch.zeros(1, device="cuda")
+    with torch.cuda.graph(graph):
+        x.add_(1)
+
+
+def time_cuda_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15, flush_l2: bool = True,
+                       graph: bool = True) -> TimingStats:
+    """Per-call GPU time of ``fn`` from CUDA events around each call, after warm-up; with ``flush_l2``, L2 is
+    overwritten before every sample (weights are cold, as in a model whose other layers ran in between); with
+    ``graph``, calls replay a CUDA graph of ``fn`` when it can be captured."""
+    with torch.inference_mode():
+        call = (as_cuda_graph(fn) if graph else None) or fn
+        for _ in range(max(warmup, 1)):
+            call()
+        scratch = _l2_flush_buffer() if flush_l2 else None
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            if scratch is not None:
+                scratch.zero_()
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize()
+        return TimingStats.from_samples([start.elapsed_time(end) for start, end in events], 1)
+
+
 def time_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
                   device: str = "cpu") -> TimingStats:
-    """Per-call time of ``fn``: each of ``repeats`` samples times enough calls to last ``min_sample_ms``."""
+    """Per-call time of ``fn``: each of ``repeats`` samples times enough calls to last ``min_sample_ms`` (on a CUDA
+    device: :func:`time_cuda_callable`, one call per sample)."""
+    if device.startswith("cuda"):
+        return time_cuda_callable(fn, warmup, repeats)
     with torch.inference_mode():
         inner = _calls_per_sample(fn, warmup, min_sample_ms, device)
         return TimingStats.from_samples(_samples(fn, repeats, inner, device), inner)

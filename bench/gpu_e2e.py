@@ -1,0 +1,98 @@
+"""End to end on the GPU: a Llama-7B-shaped decoder stack (a few blocks of Llama-7B's linears with embedding and
+head, random bf16 weights) as bf16, uniform W8A8, uniform W4A16 (group 128) and the config ``mpq.search`` picks under
+a latency budget, each applied on the real kernels and timed at decode (1 token) and prefill (2048 tokens), eager
+and replayed from a CUDA graph.
+
+    python bench/gpu_e2e.py --blocks 4        # writes bench/results/gpu_e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, environment  # noqa: E402
+from bench.gpu_quant import time_cuda  # noqa: E402
+
+
+def build(blocks: int) -> torch.nn.Module:
+    from mpq.models.shaped import llama7b_shaped
+
+    model = llama7b_shaped(blocks, device="cuda", dtype=torch.bfloat16).eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
+    return model
+
+
+def main(argv=None) -> None:
+    import mpq
+    from mpq.api import uniform_choice
+    from mpq.config import BitConfig, LayerBits
+    from mpq.errors import BudgetError
+    from mpq.layers import discover_layers
+    from mpq.workers.timing import as_cuda_graph
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--budget", default="latency=0.42;latency=0.46;latency=0.5;latency=0.55",
+                   help="the search's budget relative to bf16 at 16 tokens; alternatives after ';', tightest first")
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args(argv)
+    model = build(args.blocks)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    decode = torch.randint(0, 32000, (1, 1), device="cuda", generator=g)
+    prefill = torch.randint(0, 32000, (1, 2048), device="cuda", generator=g)
+    calib = [(torch.randint(0, 32000, (1, 16), device="cuda", generator=g), None) for _ in range(2)]
+    inventory = discover_layers(model, calib[0][0])
+    space = mpq.build_search_space(inventory, "cuda")
+    int8 = uniform_choice(space, ("w8a8",))
+    int4 = uniform_choice(space, ("w4a16g128",), fallback=int8)
+    for budget in args.budget.split(";"):  # the first budget the kernels can meet
+        try:
+            result = mpq.search(model, calib, None, budget=budget, device="cuda", profile="inprocess",
+                                sensitivity="entropy", repeats=10, frontier_points=3, evaluate_frontier=False)
+            args.budget = budget
+            break
+        except BudgetError as e:
+            print(f"budget {budget} cannot be met ({e}); trying the next one")
+    else:
+        raise SystemExit(f"no budget in {args.budget!r} can be met")
+    configs = {"uniform_w8a8": BitConfig({k: LayerBits.parse(v) for k, v in int8.items()}),
+               "uniform_w4a16": BitConfig({k: LayerBits.parse(v) for k, v in int4.items()}),
+               "mixed": result.config}
+    models = {"bf16": model}
+    for name, cfg in configs.items():
+        models[name] = mpq.apply(copy.deepcopy(model), cfg, device="cuda")
+    rows = []
+    with torch.inference_mode():
+        for phase, tokens in (("decode", decode), ("prefill", prefill)):
+            eager = {name: (lambda m=m: m(tokens)) for name, m in models.items()}
+            # a served model replays CUDA graphs (eager decode is bound by Python's kernel launches)
+            graphs = {name: as_cuda_graph(fn) for name, fn in eager.items()}
+            for mode, fns in (("eager", eager), ("cuda_graph", graphs)):
+                ms = time_cuda(fns, repeats=args.repeats, warmup=3)
+                rows += [{"phase": phase, "mode": mode, "config": name, "ms": v, "speedup_vs_bf16": ms["bf16"] / v}
+                         for name, v in ms.items()]
+    env = {**environment("cuda"), "gpu": torch.cuda.get_device_name()}
+    out = {"env": env, "blocks": args.blocks, "budget": args.budget, "rows": rows,
+           "mixed_histogram": result.config.histogram(), "search": repr(result),
+           "search_summary": result.summary.to_dict(orient="records"),
+           "profiled_workloads": len(result.latency), "profile_stats": result.latency.stats,
+           "fingerprint": result.latency.fingerprint}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gpu_e2e.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+// W4A16 tile configuration 6: prefill, shuffled weights: 128 x 128 x 64 tiles, persistent.
+#include "w4a16_sm90.cuh"
+
+namespace mpq {
+MPQ_W4A16_DEFINE(6, Shape<_128, _128, _64>, cutlass::gemm::PersistentScheduler, true)
+}  // namespace mpq

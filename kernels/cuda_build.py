@@ -1,0 +1,119 @@
+"""Just-in-time builds of mpq's CUDA extensions (CUTLASS kernels) with ``torch.utils.cpp_extension``.
+
+CUTLASS comes from the ``nvidia-cutlass`` wheel (``pip install "mpq[gpu]"``), which ships its C++ headers under
+``cutlass_library/source/include``; nothing of CUTLASS is copied into mpq. A build is cached in
+``$MPQ_CACHE_DIR/kernels/<name>-<key>`` (default ``~/.cache/mpq``), the key hashing the sources, the GPU
+architecture, the torch and CUDA versions, the CUTLASS version and the flags, so a change in any of them rebuilds and
+nothing stale is loaded. Errors say what is missing (nvcc, the headers, a Hopper GPU) and how to get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mpq.errors import KernelUnavailableError
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+CUTLASS_VERSION = "4.2.0.0"  # the pinned nvidia-cutlass wheel (the [gpu] extra)
+NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-DNDEBUG",
+              "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1"]
+
+
+def cutlass_include_dirs() -> list[Path]:
+    """The CUTLASS/CuTe include directories of the installed ``nvidia-cutlass`` wheel."""
+    try:
+        import cutlass_library
+    except ImportError:
+        raise KernelUnavailableError("the CUTLASS kernels need the nvidia-cutlass wheel's headers: "
+                                     f"pip install 'mpq[gpu]' (nvidia-cutlass=={CUTLASS_VERSION})") from None
+    source = Path(cutlass_library.__file__).parent / "source"
+    dirs = [source / "include", source / "tools" / "util" / "include"]
+    if not (dirs[0] / "cute" / "tensor.hpp").exists():
+        raise KernelUnavailableError(f"{dirs[0]} has no cute/tensor.hpp: this nvidia-cutlass wheel ships no C++ "
+                                     f"headers; install nvidia-cutlass=={CUTLASS_VERSION}")
+    return dirs
+
+
+def nvcc_path() -> Path:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME or "/nonexistent") / "bin" / "nvcc"
+    if nvcc.exists():
+        return nvcc
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    raise KernelUnavailableError("building the CUTLASS kernels needs nvcc (the CUDA toolkit matching torch's CUDA "
+                                 f"{torch.version.cuda}); set CUDA_HOME or put nvcc on PATH")
+
+
+def _arch() -> str:
+    if not torch.cuda.is_available():
+        raise KernelUnavailableError("the CUTLASS kernels need a CUDA GPU; this machine has none")
+    major, minor = torch.cuda.get_device_capability()
+    # wgmma kernels built for plain sm_90 trap at run time: Hopper builds are sm_90a
+    return f"{major}{minor}a" if (major, minor) == (9, 0) else f"{major}{minor}"
+
+
+def build_key(sources: list[Path], arch: str) -> str:
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    h.update(" ".join([arch, torch.__version__, str(torch.version.cuda), CUTLASS_VERSION, *NVCC_FLAGS]).encode())
+    return h.hexdigest()[:16]
+
+
+_FAILED: dict[str, str] = {}  # extension name -> why its build failed in this process
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(name: str, stem: str) -> str:
+    """Build (once per key) and load the extension made of ``kernels/csrc/<stem>*.cu`` (one translation unit per
+    kernel configuration, compiled in parallel; the ``*.cuh`` files are their headers), which registers its ops
+    with ``TORCH_LIBRARY``; returns the build directory."""
+    from torch.utils.cpp_extension import load
+
+    from mpq.workers.cache import default_cache_dir
+
+    if name in _FAILED:
+        raise KernelUnavailableError(_FAILED[name])
+    arch = _arch()
+    sources = sorted(CSRC.glob(f"{stem}*.cu"))
+    key = build_key([*sources, *sorted(CSRC.glob("*.cuh"))], arch)  # every header: some are shared
+    build_dir = default_cache_dir() / "kernels" / f"{name}-{key}"
+    built = build_dir / f"{name}_{key}.so"
+    if built.exists():  # the key covers sources, arch, torch, CUDA, CUTLASS and flags: nothing stale can match
+        torch.ops.load_library(str(built))
+        return str(build_dir)
+    include = cutlass_include_dirs()
+    nvcc_path()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("loading %s (%s, sm_%s) from %s; a first build takes a few minutes", name, key, arch, build_dir)
+    flags = [*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[0]}.{arch[1:]}"  # keep torch from adding its own -gencode list
+    try:
+        load(name=f"{name}_{key}", sources=[str(s) for s in sources], extra_cuda_cflags=flags,
+             extra_include_paths=[str(d) for d in include], build_directory=str(build_dir),
+             is_python_module=False, verbose=log.isEnabledFor(logging.DEBUG))
+    except (RuntimeError, OSError) as e:
+        # torch would not rebuild in this process (it records the sources as built), so a retry could only fail
+        # later and less clearly: every later use gets this error at once
+        _FAILED[name] = f"building the CUDA extension {name} in {build_dir} failed: {e}"
+        raise KernelUnavailableError(_FAILED[name]) from e
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+    return str(build_dir)

@@ -1,0 +1,162 @@
+"""CUTLASS W8A8 on Hopper (marked ``gpu``): the kernel against a float reference of the same quantized operands,
+the per-token quantization against fake-quant's rule, and apply/fake-quant agreement. On CPU: the kernel is never
+offered, and building without a GPU is a clear error."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mpq
+from mpq.config import BitConfig
+from mpq.errors import KernelUnavailableError
+from mpq.fakequant import fake_quantize
+from mpq.kernels.cutlass_w8a8 import W8A8, CudaCutlassW8A8, hopper_ready
+from mpq.quant import ActQuantSpec, fake_quantize_activation
+from mpq.registry import kernels_for
+
+needs_hopper = pytest.mark.skipif(not hopper_ready(), reason="needs an sm_90 GPU, nvcc and nvidia-cutlass")
+
+
+def test_not_offered_without_hopper_and_build_errors_are_clear():
+    if hopper_ready():
+        pytest.skip("this machine can build and run the kernel")
+    assert not any(isinstance(k, CudaCutlassW8A8) for k in kernels_for("cuda"))
+    from mpq.kernels.cuda_build import load_extension
+
+    with pytest.raises(KernelUnavailableError, match="CUDA GPU|nvcc|nvidia-cutlass"):
+        load_extension("mpq_cutlass_w8a8", "w8a8_sm90")
+
+
+def _reference(q, s, w, ws, bias):
+    y = (q.double() @ w.double().T) * s.double()[:, None] * ws.double()[None, :]
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 129, 300, 2048])
+@pytest.mark.parametrize("k,n,bias", [(4096, 4096, False), (4096, 11008, True), (272, 48, True)])
+def test_w8a8_kernel_matches_float_reference(m, k, n, bias):
+    from mpq.kernels.cutlass_w8a8 import W8A8_CONFIGS, w8a8_gemm
+
+    g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
+    q = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
+    s = torch.rand(m, device="cuda", generator=g) / 100 + 1e-4
+    ws = torch.rand(n, device="cuda", generator=g) / 100 + 1e-4
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    ref = _reference(q, s, w, ws, b)
+    for config in (0, *W8A8_CONFIGS):  # every tile configuration, not only the one m picks
+        y = w8a8_gemm(q, s, w, ws, b, torch.bfloat16, config)
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().mean()))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m,k", [(1, 64), (5, 4096), (16, 11008), (300, 272)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_row_quantization_is_fakequants_rule(m, k, dtype):
+    from mpq.kernels.cutlass_w8a8 import quantize_int8_rows
+
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-3, 2, m, device="cuda").unsqueeze(1)).to(dtype)
+    x[0, :] = 0  # an all-zero row: scale 1
+    q, s = quantize_int8_rows(x)
+    amax = x.float().abs().amax(dim=1)
+    s_ref = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q.float() * s[:, None],
+                               fake_quantize_activation(x.float(), ActQuantSpec(8, "int", "token", True, True)),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 9, 300])
+def test_apply_matches_fakequant(m):
+    torch.manual_seed(m)
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128, bias=False)).cuda()
+    x = torch.randn(3, m, 512, device="cuda")
+    config = BitConfig({"0": W8A8, "2": W8A8})
+    real = mpq.apply(copy.deepcopy(model), config, device="cuda")
+    assert type(real[0]).__name__ == "CutlassW8A8Gemm"
+    fake = fake_quantize(model, config, device="cuda")
+    # The real layer takes bf16 activations: given bf16 values, both quantize the same operands, and only the bf16
+    # rounding of the output differs
+    xb = x.to(torch.bfloat16).float()
+    y1_real, y1_fake = real[0](xb), fake[0](xb)
+    torch.testing.assert_close(y1_real, y1_fake, rtol=2**-7, atol=1e-3 * float(y1_fake.abs().mean()))
+    # After it, the real model's hidden activation went through bf16, the fake one's did not: where that rounding
+    # moves a value across a quantization boundary of the second layer, outputs differ by a step, so compare norms
+    y_real, y_fake = real(xb), fake(xb)
+    assert float((y_real - y_fake).norm() / y_fake.norm()) < 3e-2
+
+
+def test_int4_packing_round_trips_exactly():
+    from mpq.kernels.cutlass_w4a16 import pack_int4, unpack_int4
+
+    q = torch.randint(-8, 8, (37, 256), dtype=torch.int32)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (37, 128)
+    assert torch.equal(unpack_int4(packed).int(), q)
+    assert int(pack_int4(torch.tensor([[-1, 2]]))[0, 0]) == 0x2F  # the even column in the low nibble
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([[8, 0]]))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 300, 2048])
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (11008, 4096, 64), (256, 512, 64)])
+def test_w4a16_kernel_matches_float_reference(m, n, k, group):
+    from mpq.kernels.cutlass_w4a16 import (SHUFFLED, SHUFFLED_CONFIGS, W4A16_CONFIGS, pack_int4, reorder_int4,
+                                           unpack_int4, w4a16_gemm)
+
+    g = torch.Generator(device="cuda").manual_seed(m + n + group)
+    q = torch.randint(-7, 8, (n, k), device="cuda", dtype=torch.int32, generator=g)
+    s = (torch.rand(n, k // group, device="cuda", generator=g) / 50 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    w = (q.double() * s.double().repeat_interleave(group, dim=1))
+    ref = x.double() @ w.T
+    packed = pack_int4(q)
+    shuffled = reorder_int4(packed)
+    # a permutation of the same 4-bit values
+    assert not torch.equal(shuffled, packed)
+    assert torch.equal(unpack_int4(shuffled).flatten().sort().values, unpack_int4(packed).flatten().sort().values)
+    for config in (0, *W4A16_CONFIGS):  # decode and prefill tiles at every m, plain and reordered weights
+        if config in (3, 4) and group != 128:
+            continue
+        weights = shuffled if config in SHUFFLED_CONFIGS or (config == 0 and SHUFFLED) else packed
+        y = w4a16_gemm(x, weights, s.t().contiguous(), group, config)
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().mean()))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("option", ["w4a16g64", "w4a16g128"])
+def test_w4a16_apply_matches_fakequant(option):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128, bias=False)).cuda()
+    x = torch.randn(2, 5, 512, device="cuda")
+    config = BitConfig({"0": option, "2": option})
+    real = mpq.apply(copy.deepcopy(model), config, device="cuda")
+    assert type(real[0]).__name__ == "CutlassW4A16Gemm"
+    y_real, y_fake = real(x), fake_quantize(model, config, device="cuda")(x)
+    torch.testing.assert_close(y_real, y_fake, rtol=3e-2, atol=3e-2 * float(y_fake.abs().mean()))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_search_space_offers_exactly_the_kernels_options():
+    from mpq.layers import discover_layers
+
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.Linear(4096, 100), nn.Linear(100, 48)).cuda()
+    inv = discover_layers(model, torch.randn(2, 4096, device="cuda"))
+    space = mpq.build_search_space(inv, "cuda")
+    names = {layer: {b.name for b in opts} for layer, opts in space.options.items()}
+    assert names["0"] == {"float", "w8a8", "w4a16g64", "w4a16g128", "fp8"}
+    assert "w4a16g64" not in names["1"] and "w8a8" not in names["1"]  # N=100: not a multiple of 8 (or 16 for FP8)
+    assert "w8a8" not in names["2"]  # K=100 is not a multiple of 16

@@ -1,0 +1,86 @@
+"""Latency profiling on CUDA (marked ``gpu``): CUDA-event timings replayed from CUDA graphs with L2 flushed, a
+fallback for what cannot be captured, the profiler's table and the GPU fingerprint. On CPU: the GPU index mapping."""
+
+import pytest
+import torch
+
+from mpq.workers.fingerprint import _physical_index, device_fingerprint
+
+
+def test_physical_index_follows_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert _physical_index(0) == "3" and _physical_index(1) == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _physical_index(1) == "1"
+
+
+@pytest.mark.gpu
+def test_cuda_timing_uses_graphs_and_falls_back():
+    from mpq.workers.timing import as_cuda_graph, time_cuda_callable
+
+    a = torch.randn(1024, 1024, device="cuda")
+    out = torch.empty_like(a)
+
+    def matmul():
+        torch.mm(a, a, out=out)
+
+    replay = as_cuda_graph(matmul)
+    assert replay is not None
+    out.zero_()
+    replay()
+    torch.testing.assert_close(out, a @ a)  # the graph computes what the call does
+    stats = time_cuda_callable(matmul, repeats=9)
+    assert stats.repeats == 9 and stats.inner == 1
+    assert 0 < stats.q1_ms <= stats.median_ms <= stats.q3_ms
+    # 2 GFLOP cannot take less than 2e9 / 1e15 s on any GPU, nor a second on a working one
+    assert 2e-6 < stats.median_ms < 1000
+
+    def syncs():  # .item() synchronizes: not capturable, timed eagerly
+        return (a.sum() > 0).item()
+
+    assert as_cuda_graph(syncs) is None
+    assert torch.randn(4, device="cuda").shape == (4,)  # the failed capture left the CUDA generator usable
+    assert time_cuda_callable(syncs, repeats=5).median_ms > 0
+
+
+@pytest.mark.gpu
+def test_profiler_on_cuda_records_the_gpu():
+    from torch import nn
+
+    from mpq.layers import discover_layers
+    from mpq.space import build_search_space
+    from mpq.workers.profiler import profile_workloads
+    from mpq.workers.workloads import workloads_for
+
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).cuda()
+    x = torch.randn(16, 256, device="cuda")
+    inventory = discover_layers(model, x)
+    space = build_search_space(inventory, "cuda")
+    workloads, _ = workloads_for(inventory, space)
+    table = profile_workloads(workloads, "cuda", backend="inprocess", repeats=7)
+    assert len(table) == len({w.key for w in workloads}) and (table.frame["median_ms"] > 0).all()
+    assert (table.frame["inner"] == 1).all()  # one call per CUDA-event sample
+    fp = device_fingerprint("cuda")
+    assert table.fingerprint["name"] == torch.cuda.get_device_name()
+    assert fp["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
+    assert {"driver", "max_sm_mhz", "l2_mib"} <= set(fp)
+
+
+@pytest.mark.gpu
+def test_profiler_on_cuda_through_ray_gpu_actors(ray_cluster):
+    """On the GPU machine: the profiler's Ray actors ask for one GPU each and measure there."""
+    from torch import nn
+
+    from mpq.layers import discover_layers
+    from mpq.space import build_search_space
+    from mpq.workers.profiler import profile_workloads
+    from mpq.workers.workloads import workloads_for
+
+    assert ray_cluster.cluster_resources().get("GPU", 0) >= 1
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 256)).cuda()
+    inventory = discover_layers(model, torch.randn(16, 512, device="cuda"))
+    workloads, _ = workloads_for(inventory, build_search_space(inventory, "cuda"))
+    table = profile_workloads(workloads, "cuda", backend="ray", repeats=7, chunk_size=2, cache=False)
+    assert len(table) == len({w.key for w in workloads}) and (table.frame["median_ms"] > 0).all()
+    assert table.stats["tasks"] >= 1 and sum(table.stats["measured_per_node"].values()) == len(table)
+    assert table.fingerprint["name"] == torch.cuda.get_device_name()  # read inside the GPU actor
