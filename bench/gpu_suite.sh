@@ -16,27 +16,32 @@ out=${OUT:-/tmp/mpq-gpu-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
 
-# Both extensions build at once (each is one nvcc process); the logs keep the compiler's errors.
+# The extensions build at once (and each one's translation units in parallel); the logs keep the compiler's errors.
 build() {
   python3 -c "import logging; logging.basicConfig(level=logging.DEBUG)
 from mpq.kernels import $1; $1.ops()" >"$out/build_$1.log" 2>&1
-  echo "build $1: rc=$? ($(tail -c 300 "$out/build_$1.log" | tr '\n' ' '))"
+  local rc=$?
+  echo "build $1: rc=$rc ($(tail -c 300 "$out/build_$1.log" | tr '\n' ' '))"
+  [ $rc -eq 0 ] && touch "$out/.built_$1"
 }
 start=$SECONDS
+rm -f "$out"/.built_*
 build cutlass_w8a8 & build cutlass_w4a16 & wait
 echo "builds took $((SECONDS - start)) s"
-built=$(ls "$MPQ_CACHE_DIR"/kernels/*/*.so 2>/dev/null | wc -l)
-[ "$built" -ge 2 ] || { echo "a kernel build failed: see build_*.log"; exit 1; }
+for ext in cutlass_w8a8 cutlass_w4a16; do
+  [ -e "$out/.built_$ext" ] || { echo "the $ext build failed: see build_$ext.log"; exit 1; }
+done
+rm -f "$out"/.built_*
 tar -C "$MPQ_CACHE_DIR" -czf "$out/kernels_cache.tgz" --exclude='*.o' --exclude='*.ninja*' kernels 2>/dev/null
 
 for step in $steps; do
   start=$SECONDS
   case $step in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider $(ls tests/test_cutlass.py tests/test_fp8.py tests/test_gpu_profiling.py 2>/dev/null) \
-             >"$out/gpu_tests.log" 2>&1; tail -25 "$out/gpu_tests.log" ;;
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cutlass.py tests/test_fp8.py \
+             tests/test_gpu_profiling.py >"$out/gpu_tests.log" 2>&1; tail -25 "$out/gpu_tests.log" ;;
     kernels) python3 bench/gpu_kernels.py --all-configs && cp bench/results/gpu_kernels.json "$out"/ ;;
     e2e) python3 bench/gpu_e2e.py --blocks 4 && cp bench/results/gpu_e2e.json "$out"/ ;;
-
+    *) echo "unknown step $step (tests, kernels, e2e)"; exit 2 ;;
   esac
   echo "step $step took $((SECONDS - start)) s"
 done
