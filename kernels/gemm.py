@@ -86,13 +86,13 @@ class QuantGemm(WeightStandIn, nn.Module):
         if self.input_dtype is not None:
             x = x.to(self.input_dtype)
         if self.kind == "linear":
-            lead = x.shape[:-1]
-            return self.gemm(x.reshape(-1, self.k)).reshape(*lead, self.n).to(dtype)
-        if self.kind == "conv1d":
-            x4 = x.unsqueeze(2)
-            y = self._conv2d(x4, (1, *self.kernel_size), (1, *self.stride), (0, *self.padding), (1, *self.dilation))
-            return y.squeeze(2).to(dtype)
-        return self._conv2d(x, self.kernel_size, self.stride, self.padding, self.dilation).to(dtype)
+            y = self.gemm(x.reshape(-1, self.k)).reshape(*x.shape[:-1], self.n)
+        elif self.kind == "conv1d":
+            y = self._conv2d(x.unsqueeze(2), (1, *self.kernel_size), (1, *self.stride), (0, *self.padding),
+                             (1, *self.dilation)).squeeze(2)
+        else:
+            y = self._conv2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        return y.to(dtype)
 
     def _conv2d(self, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
         b, _, h, w = x.shape

@@ -29,6 +29,34 @@ def test_not_offered_without_hopper_and_build_errors_are_clear():
         load_extension("mpq_cutlass_w8a8", "w8a8_sm90")
 
 
+def test_failed_build_is_a_clear_error_and_is_not_retried(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    from mpq.kernels import cuda_build
+
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_arch", lambda: "90a")
+    monkeypatch.setattr(cuda_build, "cutlass_include_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda: tmp_path / "nvcc")
+    monkeypatch.setattr(cuda_build, "_FAILED", {})
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs["name"])
+        raise RuntimeError("w8a8_sm90_c1.cu(12): error: identifier undefined")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    cuda_build.load_extension.cache_clear()
+    try:
+        for _ in range(2):
+            with pytest.raises(KernelUnavailableError, match=r"mpq_cutlass_w8a8 .* failed: .*identifier undefined"):
+                cuda_build.load_extension("mpq_cutlass_w8a8", "w8a8_sm90")
+    finally:
+        cuda_build.load_extension.cache_clear()
+    assert len(calls) == 1  # the second use reports the first failure instead of building again
+    assert calls[0].startswith("mpq_cutlass_w8a8_")  # named by the build key
+
+
 def _reference(q, s, w, ws, bias):
     y = (q.double() @ w.double().T) * s.double()[:, None] * ws.double()[None, :]
     return y if bias is None else y + bias.double()

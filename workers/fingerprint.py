@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,10 +49,16 @@ def device_fingerprint(device: str = "cpu") -> dict[str, Any]:
 
 def _nvidia_smi(index: int) -> dict[str, Any]:
     """Driver version and maximum SM/memory clocks (fixed properties: current clocks would split the cache)."""
+    return _nvidia_smi_query(_physical_index(index))
+
+
+@functools.lru_cache(maxsize=None)
+def _nvidia_smi_query(physical: str) -> dict[str, Any]:
+    # once per GPU and process: every chunk of measurements takes a fingerprint, and nvidia-smi takes ~0.1 s
     fields = ["driver_version", "clocks.max.sm", "clocks.max.mem"]
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
-                              f"--id={_physical_index(index)}"], capture_output=True, text=True, timeout=10)
+                              f"--id={physical}"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {}
     values = [v.strip() for v in out.stdout.strip().split(",")]
