@@ -60,8 +60,14 @@ def one_shape(m: int, n: int, k: int, repeats: int, all_configs: bool = False) -
            "cutlass_w8a8_gemm": lambda: w8a8_gemm(q, s, wq, ws),
            "cutlass_w8a8_layer": lambda: w8a8_gemm(*quantize_int8_rows(x), wq, ws)}
     if all_configs:  # every tile configuration, to choose the tables in kernels/cutlass_w8a8.py and _w4a16.py
-        fns.update({f"w8a8_config{c}": (lambda c=c: w8a8_gemm(q, s, wq, ws, config=c)) for c in W8A8_CONFIGS})
+        for arch, configs in W8A8_CONFIGS.items():  # the sm_80 build runs on Hopper too
+            fns.update({f"w8a8_{arch}_config{c}": (lambda c=c, arch=arch: w8a8_gemm(q, s, wq, ws, config=c, arch=arch))
+                        for c in configs})
         w4s = reorder_int4(w4)
+        # the decode configuration's work decomposition: data-parallel, split-K 2/4/8, forced stream-K
+        for name, dec, splits in (("dp", 1, 1), ("split2", 2, 2), ("split4", 2, 4), ("split8", 2, 8), ("sk", 3, 1)):
+            fns[f"w4a16_config4_{name}"] = (lambda d=dec, sp=splits: w4a16_gemm(x, w4s, s4, 128, config=4,
+                                                                                 decomposition=d, splits=sp))
         fns.update({f"w4a16_config{c}": (lambda c=c: w4a16_gemm(x, w4s if c in SHUFFLED_CONFIGS else w4, s4, 128,
                                                                config=c)) for c in W4A16_CONFIGS})
     if m > 16 and m % 8 == 0:

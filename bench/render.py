@@ -214,11 +214,12 @@ def gpu_kernels_section(d: dict) -> list[str]:
             + (f"{big[0]['int_mm_over_w8a8_gemm']:.2f}x" if big else "not measured")
             + f"; >= 1.0x at every m >= 128 shape: min {min(prefill):.2f}x; W4A16 >= 3.5x bf16 at m = 1 and 16: "
             f"{min(decode):.2f}x to {max(decode):.2f}x. Peaks: 1979 dense INT8 TOP/s, 3.35 TB/s HBM.", ""]
-    configs = sorted(k for k in rows[0] if k.startswith(("w8a8_config", "w4a16_config")))
+    configs = sorted(k for k in rows[0] if k.startswith(("w8a8_", "w4a16_config")) and "_config" in k
+                     and k.endswith("_ms"))
     if configs:
         out += ["Every tile configuration (ms; `kernels/csrc/*_c<N>.cu`; the tables in `kernels/cutlass_w8a8.py` "
                 "and `kernels/cutlass_w4a16.py` pick among them by m; W4A16 4-6 run on reordered weights):", "",
-                "| N x K | m | " + " | ".join(c[:-3].replace("_config", " ") for c in configs) + " |",
+                "| N x K | m | " + " | ".join(c[:-3].replace("_config", " ").replace("_", " ") for c in configs) + " |",
                 "|---|---|" + "---|" * len(configs)]
         for r in rows:
             out.append(f"| {r['n']} x {r['k']} | {r['m']} | " + " | ".join(f"{r[c]:.4f}" for c in configs) + " |")

@@ -77,12 +77,14 @@ def reorder_int4(packed: Tensor) -> Tensor:
 
 
 def w4a16_gemm(x: Tensor, packed: Tensor, scale: Tensor, group: int, config: int = 0,
-               shuffled: bool = SHUFFLED) -> Tensor:
+               shuffled: bool = SHUFFLED, decomposition: int = 0, splits: int = 1) -> Tensor:
     """``x @ (s * W).T`` for bf16 ``x`` ``[m, K]``, ``packed`` :func:`pack_int4` of ``W`` ``[N, K]`` and ``scale`` the
     group scales transposed, ``[K / group, N]``; ``config`` 0 picks the decode or prefill tile by m (``shuffled``:
-    ``packed`` went through :func:`reorder_int4`, and a shuffled configuration runs)."""
+    ``packed`` went through :func:`reorder_int4`, and a shuffled configuration runs). The stream-K decode
+    configurations take CUTLASS's ``decomposition`` (0 its heuristic, 1 data-parallel, 2 split-K into ``splits``,
+    3 stream-K)."""
     config = config or w4a16_tile_config(x.shape[0], group, x.shape[1], shuffled)
-    return ops().w4a16_sm90(x, packed, scale, group, config)
+    return ops().w4a16_sm90(x, packed, scale, group, config, decomposition, splits)
 
 
 class CutlassW4A16Gemm(QuantGemm):

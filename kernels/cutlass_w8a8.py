@@ -28,34 +28,42 @@ W8A8 = LayerBits(8, 8)
 K_ALIGN, N_ALIGN = 16, 8
 
 
-@functools.lru_cache(maxsize=1)
-def ops():
-    """The extension's ops (``w8a8_sm90``, ``quantize_int8_rows``), built on first use."""
+# The two builds: CUTLASS 3 (wgmma, TMA) for Hopper, CUTLASS 2 (mma.sync, cp.async) for Ampere and Ada; as
+# (extension, source stem, GEMM op).
+EXTENSIONS = {"sm90": ("mpq_cutlass_w8a8", "w8a8_sm90", "w8a8_sm90"),
+              "sm80": ("mpq_cutlass_w8a8_sm80", "w8a8_sm80", "w8a8_sm80")}
+
+
+@functools.lru_cache(maxsize=None)
+def ops(arch: str = "sm90"):
+    """The ``arch`` extension's ops (its GEMM, ``quantize_int8_rows``), built on first use."""
     from mpq.kernels.cuda_build import load_extension
 
-    load_extension("mpq_cutlass_w8a8", "w8a8_sm90")
-    return torch.ops.mpq_cutlass_w8a8
+    name, stem, _ = EXTENSIONS[arch]
+    load_extension(name, stem)
+    return getattr(torch.ops, name)
 
 
-def quantize_int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_int8_rows(x: Tensor, arch: str = "sm90") -> tuple[Tensor, Tensor]:
     """Per-token symmetric INT8 of a CUDA ``[M, K]`` matrix: int8 values and float32 scales ``[M]``."""
-    return ops().quantize_int8_rows(x)
+    return ops(arch).quantize_int8_rows(x)
 
 
-# Tile configuration by m (tokens), as (largest m, config); see kernels/csrc/w8a8_sm90_c<N>.cu. Chosen from
-# bench/gpu_kernels.py, which times every configuration on the suite's shapes.
-W8A8_TILES = ((128, 1), (None, 4))
-W8A8_CONFIGS = (1, 2, 3, 4, 5)
+# Tile configuration by m (tokens), as (largest m, config); see kernels/csrc/w8a8_sm90_c<N>.cu and w8a8_sm80_c<N>.cu.
+# The sm_90 table was chosen from bench/gpu_kernels.py, which times every configuration on the suite's shapes.
+W8A8_TILES = {"sm90": ((128, 1), (None, 4)), "sm80": ((64, 1), (None, 2))}
+W8A8_CONFIGS = {"sm90": (1, 2, 3, 4, 5), "sm80": (1, 2)}
 
 
-def w8a8_tile_config(m: int) -> int:
-    return next(config for largest, config in W8A8_TILES if largest is None or m <= largest)
+def w8a8_tile_config(m: int, arch: str = "sm90") -> int:
+    return next(config for largest, config in W8A8_TILES[arch] if largest is None or m <= largest)
 
 
 def w8a8_gemm(q: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None = None,
-              out_dtype: torch.dtype = torch.bfloat16, config: int = 0) -> Tensor:
+              out_dtype: torch.dtype = torch.bfloat16, config: int = 0, arch: str = "sm90") -> Tensor:
     """``a_scale[m] * w_scale[n] * (q @ w.T)`` (+ bias) in ``out_dtype``; ``config`` 0 picks the tile by m."""
-    return ops().w8a8_sm90(q, w, a_scale, w_scale, bias, out_dtype, config or w8a8_tile_config(q.shape[0]))
+    gemm = getattr(ops(arch), EXTENSIONS[arch][2])
+    return gemm(q, w, a_scale, w_scale, bias, out_dtype, config or w8a8_tile_config(q.shape[0], arch))
 
 
 class CutlassW8A8Gemm(QuantGemm):
@@ -63,21 +71,32 @@ class CutlassW8A8Gemm(QuantGemm):
 
     input_dtype = torch.bfloat16
 
-    def __init__(self, layer: LayerInfo, qweight: QuantizedWeight, bias: Tensor | None):
+    def __init__(self, layer: LayerInfo, qweight: QuantizedWeight, bias: Tensor | None, arch: str = "sm90"):
         super().__init__(layer, bias)
+        self.arch = arch
         self.register_buffer("qweight", qweight.q[:, : self.k].to(torch.int8).contiguous())
         self.register_buffer("scale", qweight.scale.reshape(-1).float().contiguous())
         self.register_buffer("bias_bf16", None if bias is None else bias.detach().to(torch.bfloat16).contiguous())
 
     def gemm(self, x: Tensor) -> Tensor:
-        q, s = quantize_int8_rows(x.contiguous())
-        return w8a8_gemm(q, s, self.qweight, self.scale, self.bias_bf16)
+        q, s = quantize_int8_rows(x.contiguous(), self.arch)
+        return w8a8_gemm(q, s, self.qweight, self.scale, self.bias_bf16, arch=self.arch)
 
 
 def hopper_ready() -> bool:
     """Compute capability 9.0 with the tools to build: the CUTLASS headers and nvcc."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and _tools_ready()
+
+
+def ampere_ready(hopper_too: bool = False) -> bool:
+    """Compute capability 8.x (or also 9.0, where the CUTLASS 2 kernels run too) with the tools to build."""
+    if not torch.cuda.is_available():
         return False
+    major = torch.cuda.get_device_capability()[0]
+    return (major == 8 or (hopper_too and major == 9)) and _tools_ready()
+
+
+def _tools_ready() -> bool:
     from mpq.kernels.cuda_build import cutlass_include_dirs, nvcc_path
 
     try:
@@ -93,6 +112,7 @@ class CudaCutlassW8A8(Kernel):
     name = "cuda-cutlass-w8a8-sm90"
     device = "cuda"
     version = "1"
+    arch = "sm90"
 
     def available(self) -> bool:
         return hopper_ready()
@@ -107,4 +127,15 @@ class CudaCutlassW8A8(Kernel):
                            ActQuantSpec(8, "int", "token", dynamic=True, symmetric=True), out_dtype="bfloat16")
 
     def convert(self, module: nn.Module, layer: LayerInfo, bits: LayerBits, qweight: QuantizedWeight) -> nn.Module:
-        return CutlassW8A8Gemm(layer, qweight, getattr(module, "bias", None))
+        return CutlassW8A8Gemm(layer, qweight, getattr(module, "bias", None), self.arch)
+
+
+@register_kernel
+class CudaCutlassW8A8Sm80(CudaCutlassW8A8):
+    """The same option on Ampere and Ada GPUs (A100, A10, L4, L40), from the CUTLASS 2 build."""
+
+    name = "cuda-cutlass-w8a8-sm80"
+    arch = "sm80"
+
+    def available(self) -> bool:
+        return ampere_ready()

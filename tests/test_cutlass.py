@@ -12,11 +12,15 @@ import mpq
 from mpq.config import BitConfig
 from mpq.errors import KernelUnavailableError
 from mpq.fakequant import fake_quantize
-from mpq.kernels.cutlass_w8a8 import W8A8, CudaCutlassW8A8, hopper_ready
+from mpq.kernels.cutlass_w8a8 import W8A8, CudaCutlassW8A8, ampere_ready, hopper_ready
 from mpq.quant import ActQuantSpec, fake_quantize_activation
 from mpq.registry import kernels_for
 
 needs_hopper = pytest.mark.skipif(not hopper_ready(), reason="needs an sm_90 GPU, nvcc and nvidia-cutlass")
+# both W8A8 builds: sm_90 on Hopper; sm_80 (CUTLASS 2) on Ampere, Ada and Hopper
+ARCHS = [pytest.param("sm90", marks=needs_hopper),
+         pytest.param("sm80", marks=pytest.mark.skipif(not ampere_ready(hopper_too=True),
+                                                       reason="needs an sm_80+ GPU, nvcc and nvidia-cutlass"))]
 
 
 def test_not_offered_without_hopper_and_build_errors_are_clear():
@@ -63,10 +67,10 @@ def _reference(q, s, w, ws, bias):
 
 
 @pytest.mark.gpu
-@needs_hopper
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 129, 300, 2048])
 @pytest.mark.parametrize("k,n,bias", [(4096, 4096, False), (4096, 11008, True), (272, 48, True)])
-def test_w8a8_kernel_matches_float_reference(m, k, n, bias):
+def test_w8a8_kernel_matches_float_reference(m, k, n, bias, arch):
     from mpq.kernels.cutlass_w8a8 import W8A8_CONFIGS, w8a8_gemm
 
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
@@ -76,22 +80,22 @@ def test_w8a8_kernel_matches_float_reference(m, k, n, bias):
     ws = torch.rand(n, device="cuda", generator=g) / 100 + 1e-4
     b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
     ref = _reference(q, s, w, ws, b)
-    for config in (0, *W8A8_CONFIGS):  # every tile configuration, not only the one m picks
-        y = w8a8_gemm(q, s, w, ws, b, torch.bfloat16, config)
+    for config in (0, *W8A8_CONFIGS[arch]):  # every tile configuration, not only the one m picks
+        y = w8a8_gemm(q, s, w, ws, b, torch.bfloat16, config, arch)
         assert y.shape == (m, n) and y.dtype == torch.bfloat16
         torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().mean()))
 
 
 @pytest.mark.gpu
-@needs_hopper
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("m,k", [(1, 64), (5, 4096), (16, 11008), (300, 272)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_row_quantization_is_fakequants_rule(m, k, dtype):
+def test_int8_row_quantization_is_fakequants_rule(m, k, dtype, arch):
     from mpq.kernels.cutlass_w8a8 import quantize_int8_rows
 
     x = (torch.randn(m, k, device="cuda") * torch.logspace(-3, 2, m, device="cuda").unsqueeze(1)).to(dtype)
     x[0, :] = 0  # an all-zero row: scale 1
-    q, s = quantize_int8_rows(x)
+    q, s = quantize_int8_rows(x, arch)
     amax = x.float().abs().amax(dim=1)
     s_ref = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
@@ -101,15 +105,17 @@ def test_int8_row_quantization_is_fakequants_rule(m, k, dtype):
 
 
 @pytest.mark.gpu
-@needs_hopper
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("m", [1, 9, 300])
-def test_apply_matches_fakequant(m):
+def test_apply_matches_fakequant(m, arch):
     torch.manual_seed(m)
     model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128, bias=False)).cuda()
     x = torch.randn(3, m, 512, device="cuda")
     config = BitConfig({"0": W8A8, "2": W8A8})
     real = mpq.apply(copy.deepcopy(model), config, device="cuda")
     assert type(real[0]).__name__ == "CutlassW8A8Gemm"
+    for layer in (real[0], real[2]):
+        layer.arch = arch  # the same module on the other build (the one this GPU runs by default, or sm_80 on Hopper)
     fake = fake_quantize(model, config, device="cuda")
     # The real layer takes bf16 activations: given bf16 values, both quantize the same operands, and only the bf16
     # rounding of the output differs
@@ -157,9 +163,12 @@ def test_w4a16_kernel_matches_float_reference(m, n, k, group):
         if config in (3, 4) and group != 128:
             continue
         weights = shuffled if config in SHUFFLED_CONFIGS or (config == 0 and SHUFFLED) else packed
-        y = w4a16_gemm(x, weights, s.t().contiguous(), group, config)
-        assert y.shape == (m, n) and y.dtype == torch.bfloat16
-        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().mean()))
+        # the stream-K decode configurations under each work decomposition: heuristic, data-parallel, split-K, stream-K
+        decompositions = ((0, 1), (1, 1), (2, 4), (3, 1)) if config in (1, 3, 4, 5) else ((0, 1),)
+        for decomposition, splits in decompositions:
+            y = w4a16_gemm(x, weights, s.t().contiguous(), group, config, decomposition=decomposition, splits=splits)
+            assert y.shape == (m, n) and y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().mean()))
 
 
 @pytest.mark.gpu

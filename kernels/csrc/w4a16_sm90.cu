@@ -8,7 +8,7 @@ namespace mpq {
 namespace {
 
 torch::Tensor w4a16_sm90(torch::Tensor const& x, torch::Tensor const& w_packed, torch::Tensor const& scale,
-                         int64_t group, int64_t config) {
+                         int64_t group, int64_t config, int64_t decomposition, int64_t splits) {
   TORCH_CHECK(x.is_cuda() && w_packed.is_cuda() && scale.is_cuda(), "mpq w4a16_sm90: CUDA tensors");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
               "mpq w4a16_sm90: x must be a contiguous bf16 m x k matrix");
@@ -24,19 +24,21 @@ torch::Tensor w4a16_sm90(torch::Tensor const& x, torch::Tensor const& w_packed, 
   c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({x.size(0), w_packed.size(0)}, x.options());
   if (x.size(0) == 0) return out;
+  TORCH_CHECK(decomposition >= 0 && decomposition <= 3 && splits >= 1, "mpq w4a16_sm90: decomposition 0 to 3 and "
+              "splits >= 1, got ", decomposition, " and ", splits);
   switch (config) {
-    case 1: w4a16_sm90_config1(out, x, w_packed, scale, group); break;
-    case 2: w4a16_sm90_config2(out, x, w_packed, scale, group); break;
+    case 1: w4a16_sm90_config1(out, x, w_packed, scale, group, decomposition, splits); break;
+    case 2: w4a16_sm90_config2(out, x, w_packed, scale, group, decomposition, splits); break;
     case 3:
       TORCH_CHECK(group == 128, "mpq w4a16_sm90: tile configuration 3 has a K tile of 128: group 128 only");
-      w4a16_sm90_config3(out, x, w_packed, scale, group);
+      w4a16_sm90_config3(out, x, w_packed, scale, group, decomposition, splits);
       break;
     case 4:
       TORCH_CHECK(group == 128, "mpq w4a16_sm90: tile configuration 4 has a K tile of 128: group 128 only");
-      w4a16_sm90_config4(out, x, w_packed, scale, group);
+      w4a16_sm90_config4(out, x, w_packed, scale, group, decomposition, splits);
       break;
-    case 5: w4a16_sm90_config5(out, x, w_packed, scale, group); break;
-    case 6: w4a16_sm90_config6(out, x, w_packed, scale, group); break;
+    case 5: w4a16_sm90_config5(out, x, w_packed, scale, group, decomposition, splits); break;
+    case 6: w4a16_sm90_config6(out, x, w_packed, scale, group, decomposition, splits); break;
     default: TORCH_CHECK(false, "mpq w4a16_sm90: tile configuration 1 to 6, got ", config);
   }
   return out;
@@ -61,7 +63,8 @@ torch::Tensor w4a16_reorder(torch::Tensor const& w_packed) {
 }  // namespace mpq
 
 TORCH_LIBRARY(mpq_cutlass_w4a16, m) {
-  m.def("w4a16_sm90(Tensor x, Tensor w_packed, Tensor scale, int group, int config) -> Tensor");
+  m.def("w4a16_sm90(Tensor x, Tensor w_packed, Tensor scale, int group, int config, int decomposition=0, "
+        "int splits=1) -> Tensor");
   m.def("w4a16_reorder(Tensor w_packed) -> Tensor");
   m.impl("w4a16_sm90", torch::kCUDA, &mpq::w4a16_sm90);
   m.impl("w4a16_reorder", torch::kCUDA, &mpq::w4a16_reorder);

@@ -45,7 +45,8 @@ using W4A16StrideW = cutlass::detail::TagToStrideA_t<cutlass::layout::RowMajor>;
 using W4A16ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;  // value order [0, 2, 4, 6, 1, 3, 5, 7]
 using W4A16LayoutAtom = decltype(cutlass::compute_memory_reordering_atom<cutlass::bfloat16_t, Layout<Shape<_1, _1>>,
                                                                          W4A16ValueShuffle>());
-using W4A16LayoutShuffled = decltype(cute::tile_to_shape(W4A16LayoutAtom{}, Layout<Shape<int, int, int>, W4A16StrideW>{}));
+using W4A16LayoutShuffled =
+    decltype(cute::tile_to_shape(W4A16LayoutAtom{}, Layout<Shape<int, int, int>, W4A16StrideW>{}));
 
 inline W4A16LayoutShuffled w4a16_shuffled_layout(int n, int k) {
   return cute::tile_to_shape(W4A16LayoutAtom{}, make_shape(n, k, 1));
@@ -87,8 +88,10 @@ struct W4A16Sm90 {
                                                       CollectiveEpilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
+  // decomposition: CUTLASS's DecompositionMode for the stream-K scheduler (0 its heuristic, 1 data-parallel,
+  // 2 split-K into `splits`, 3 stream-K); ignored by the persistent scheduler
   static void run(torch::Tensor& out, torch::Tensor const& x, torch::Tensor const& w_packed,
-                  torch::Tensor const& scale, int group) {
+                  torch::Tensor const& scale, int group, int decomposition, int splits) {
     int m = x.size(0), k = x.size(1), n = w_packed.size(0);
     using StrideX = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
@@ -113,6 +116,11 @@ struct W4A16Sm90 {
          reinterpret_cast<ElementScale const*>(scale.data_ptr()), stride_s, group},
         {{1.f, 0.f}, nullptr, stride_d, reinterpret_cast<ElementD*>(out.data_ptr()), stride_d}};
     args.hw_info.sm_count = sm_count(x.get_device());
+    if constexpr (cute::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>) {
+      args.scheduler.decomposition_mode =
+          static_cast<cutlass::gemm::kernel::detail::DecompositionMode>(decomposition);
+      args.scheduler.splits = splits;
+    }
 
     Gemm gemm;
     TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, "mpq w4a16_sm90: CUTLASS cannot run m=", m,
@@ -131,7 +139,7 @@ struct W4A16Sm90 {
 // One entry point per tile configuration (defined in w4a16_sm90_c<N>.cu).
 #define MPQ_W4A16_CONFIG(N)                                                                                     \
   void w4a16_sm90_config##N(torch::Tensor& out, torch::Tensor const& x, torch::Tensor const& w_packed,          \
-                            torch::Tensor const& scale, int group)
+                            torch::Tensor const& scale, int group, int decomposition, int splits)
 MPQ_W4A16_CONFIG(1);
 MPQ_W4A16_CONFIG(2);
 MPQ_W4A16_CONFIG(3);
@@ -140,6 +148,6 @@ MPQ_W4A16_CONFIG(5);
 MPQ_W4A16_CONFIG(6);
 
 #define MPQ_W4A16_DEFINE(N, ...) \
-  MPQ_W4A16_CONFIG(N) { W4A16Sm90<__VA_ARGS__>::run(out, x, w_packed, scale, group); }
+  MPQ_W4A16_CONFIG(N) { W4A16Sm90<__VA_ARGS__>::run(out, x, w_packed, scale, group, decomposition, splits); }
 
 }  // namespace mpq

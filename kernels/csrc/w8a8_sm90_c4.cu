@@ -1,4 +1,5 @@
-// W8A8 tile configuration 4: prefill sizes: 128 x 128 tiles, ping-pong (one warpgroup's epilogue overlaps the other's MMAs), 2-CTA cluster.
+// W8A8 tile configuration 4: prefill sizes: 128 x 128 tiles, ping-pong (one warpgroup's epilogue overlaps the
+// other's MMAs), 2-CTA cluster.
 #include "w8a8_sm90.cuh"
 
 namespace mpq {

@@ -1,4 +1,5 @@
-// W8A8 tile configuration 5: decode sizes: 128 x 64 tiles, cooperative with stream-K, so that few output tiles still fill every SM.
+// W8A8 tile configuration 5: decode sizes: 128 x 64 tiles, cooperative with stream-K, so that few output tiles
+// still fill every SM.
 #include "w8a8_sm90.cuh"
 
 namespace mpq {
