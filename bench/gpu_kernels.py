@@ -1,11 +1,11 @@
-"""The CUTLASS W8A8 kernel against PyTorch's GEMMs on the GPU, side by side in one run.
+"""The W8A8 and W4A16 kernels against PyTorch's GEMMs on the GPU, side by side in one run.
 
 Shapes: Llama-7B's linears (N x K = 4096x4096, 11008x4096, 4096x11008, 12288x4096) at m = 1, 16, 128, 2048 tokens,
 and 8192^3. Per shape, CUDA-event medians (interleaved, L2 flushed before each sample) of: bf16 ``torch.matmul``
 (cuBLAS), ``torch._int_mm`` (INT8 -> INT32, m > 16 only), ``aten._weight_int4pack_mm`` (tinygemm W4A16, group 128),
 the CUTLASS W8A8 GEMM alone (``w8a8_sm90``: scales and bf16 output in its epilogue), the whole W8A8 layer
-(per-token quantization kernel + GEMM) and the CUTLASS W4A16 GEMM (group 128, bf16 activations); with
-``--all-configs`` every tile configuration of both too. Achieved TOP/s and GB/s are against the H100 SXM's 1979 dense
+(per-token quantization kernel + GEMM) and W4A16 as a converted module runs it (group 128, bf16 activations: mpq's
+decode kernel up to 16 tokens, CUTLASS beyond); with ``--all-configs`` every tile configuration of each kernel too. Achieved TOP/s and GB/s are against the H100 SXM's 1979 dense
 INT8 TOP/s and 3.35 TB/s.
 
     python bench/gpu_kernels.py --all-configs    # writes bench/results/gpu_kernels.json (a first run builds the kernel)
@@ -43,7 +43,8 @@ def tinygemm(w: torch.Tensor, x: torch.Tensor):
 
 
 def one_shape(m: int, n: int, k: int, repeats: int, all_configs: bool = False) -> dict:
-    from mpq.kernels.cutlass_w4a16 import SHUFFLED, SHUFFLED_CONFIGS, W4A16_CONFIGS, pack_int4, reorder_int4, w4a16_gemm
+    from mpq.kernels.cutlass_w4a16 import (DECODE_CONFIGS, SHUFFLED_CONFIGS, W4A16_CONFIGS, pack_int4, reorder_int4,
+                                           w4a16_decode, w4a16_gemm, w4a16_matmul)
     from mpq.kernels.cutlass_w8a8 import W8A8_CONFIGS, quantize_int8_rows, w8a8_gemm
 
     g = torch.Generator(device="cuda").manual_seed(m + n + k)
@@ -54,9 +55,8 @@ def one_shape(m: int, n: int, k: int, repeats: int, all_configs: bool = False) -
     s, ws = torch.rand(m, device="cuda") / 100, torch.rand(n, device="cuda") / 100
     w4 = pack_int4(torch.randint(-7, 8, (n, k), device="cuda", generator=g))
     s4 = (torch.rand(k // 128, n, device="cuda", generator=g) / 50).to(torch.bfloat16)  # [K / group, N]
-    w4_default = reorder_int4(w4) if SHUFFLED else w4  # what a converted module keeps
     fns = {"bf16": lambda: x @ w.T,
-           "cutlass_w4a16": lambda: w4a16_gemm(x, w4_default, s4, 128),
+           "w4a16": lambda: w4a16_matmul(x, w4, s4, 128),  # what a converted module runs
            "cutlass_w8a8_gemm": lambda: w8a8_gemm(q, s, wq, ws),
            "cutlass_w8a8_layer": lambda: w8a8_gemm(*quantize_int8_rows(x), wq, ws)}
     if all_configs:  # every tile configuration, to choose the tables in kernels/cutlass_w8a8.py and _w4a16.py
@@ -70,6 +70,9 @@ def one_shape(m: int, n: int, k: int, repeats: int, all_configs: bool = False) -
                                                                                  decomposition=d, splits=sp))
         fns.update({f"w4a16_config{c}": (lambda c=c: w4a16_gemm(x, w4s if c in SHUFFLED_CONFIGS else w4, s4, 128,
                                                                config=c)) for c in W4A16_CONFIGS})
+        if m <= 64:
+            fns.update({f"w4a16_decode_config{c}": (lambda c=c: w4a16_decode(x, w4, s4, 128, c))
+                        for c in DECODE_CONFIGS})
     if m > 16 and m % 8 == 0:
         wq_t = wq.T  # _int_mm wants the second operand K x N
         fns["int_mm"] = lambda: torch._int_mm(q, wq_t)
@@ -82,8 +85,8 @@ def one_shape(m: int, n: int, k: int, repeats: int, all_configs: bool = False) -
            "w8a8_tops": ops / ms["cutlass_w8a8_gemm"] / 1e9,
            "w8a8_gbs": (m * k + n * k + 2 * m * n) / ms["cutlass_w8a8_gemm"] / 1e6,
            "bf16_over_w8a8_layer": ms["bf16"] / ms["cutlass_w8a8_layer"],
-           "bf16_over_w4a16": ms["bf16"] / ms["cutlass_w4a16"],
-           "w4a16_gbs": (n * k / 2 + n * k / 128 * 2 + 2 * m * k + 2 * m * n) / ms["cutlass_w4a16"] / 1e6}
+           "bf16_over_w4a16": ms["bf16"] / ms["w4a16"],
+           "w4a16_gbs": (n * k / 2 + n * k / 128 * 2 + 2 * m * k + 2 * m * n) / ms["w4a16"] / 1e6}
     if "int_mm" in ms:
         row["int_mm_over_w8a8_gemm"] = ms["int_mm"] / ms["cutlass_w8a8_gemm"]
     if "tinygemm_w4a16" in ms:

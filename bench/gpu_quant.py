@@ -66,8 +66,10 @@ def gptq_cost(n: int, k: int, act_order: bool, rows: int = 65536, chunk: int = 4
 
 def time_cuda(fns: dict, repeats: int = 50, warmup: int = 10, flush_mb: int = 0) -> dict[str, float]:
     """Median ms per call of each function, interleaved so clocks and caches treat them alike; with ``flush_mb``,
-    that many MB are written before each sample so no operand is still in L2 (H100: 50 MB)."""
-    scratch = torch.empty(flush_mb * 2**20, dtype=torch.uint8, device="cuda") if flush_mb else None
+    that many MB are read before each sample so no operand is still in L2 (H100: 50 MB; see ``evict_l2``)."""
+    from mpq.workers.timing import evict_l2
+
+    scratch = torch.zeros(flush_mb * 2**20, dtype=torch.uint8, device="cuda") if flush_mb else None
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -75,7 +77,7 @@ def time_cuda(fns: dict, repeats: int = 50, warmup: int = 10, flush_mb: int = 0)
     for _ in range(repeats):
         for name, f in fns.items():
             if scratch is not None:
-                scratch.zero_()
+                evict_l2(scratch)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             f()

@@ -17,18 +17,19 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
 
 # The extensions build at once (and each one's translation units in parallel); the logs keep the compiler's errors.
-build() {  # build MODULE [ARCH]
+build() {  # build NAME PYTHON-CALL (in mpq.kernels)
   python3 -c "import logging; logging.basicConfig(level=logging.DEBUG)
-from mpq.kernels import $1; $1.ops(${2:+'$2'})" >"$out/build_$1$2.log" 2>&1
+from mpq.kernels import cutlass_w8a8, cutlass_w4a16; $2" >"$out/build_$1.log" 2>&1
   local rc=$?
-  echo "build $1 $2: rc=$rc ($(tail -c 300 "$out/build_$1$2.log" | tr '\n' ' '))"
-  [ $rc -eq 0 ] && touch "$out/.built_$1$2"
+  echo "build $1: rc=$rc ($(tail -c 300 "$out/build_$1.log" | tr '\n' ' '))"
+  [ $rc -eq 0 ] && touch "$out/.built_$1"
 }
 start=$SECONDS
 rm -f "$out"/.built_*
-build cutlass_w8a8 & build cutlass_w8a8 sm80 & build cutlass_w4a16 & wait
+build w8a8 "cutlass_w8a8.ops()" & build w8a8_sm80 "cutlass_w8a8.ops('sm80')" &
+build w4a16 "cutlass_w4a16.ops()" & build w4a16_decode "cutlass_w4a16.decode_ops()" & wait
 echo "builds took $((SECONDS - start)) s"
-for ext in cutlass_w8a8 cutlass_w8a8sm80 cutlass_w4a16; do
+for ext in w8a8 w8a8_sm80 w4a16 w4a16_decode; do
   [ -e "$out/.built_$ext" ] || { echo "the $ext build failed: see build_$ext.log"; exit 1; }
 done
 rm -f "$out"/.built_*

@@ -3,8 +3,8 @@
 CUTLASS comes from the ``nvidia-cutlass`` wheel (``pip install "mpq[gpu]"``), which ships its C++ headers under
 ``cutlass_library/source/include``; nothing of CUTLASS is copied into mpq. A build is cached in
 ``$MPQ_CACHE_DIR/kernels/<name>-<key>`` (default ``~/.cache/mpq``), the key hashing the sources, the GPU
-architecture, the torch and CUDA versions, the CUTLASS version and the flags, so a change in any of them rebuilds and
-nothing stale is loaded. Errors say what is missing (nvcc, the headers, a Hopper GPU) and how to get it.
+architecture, the torch and CUDA versions, the CUTLASS version, the flags and the host compilers, so a change in any
+of them rebuilds and nothing stale is loaded. Errors say what is missing (nvcc, the headers, a Hopper GPU) and how to get it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ def nvcc_path() -> Path:
                                  f"{torch.version.cuda}); set CUDA_HOME or put nvcc on PATH")
 
 
+def host_compilers() -> tuple[str, str]:
+    """The C and C++ compilers for nvcc's host code and the link: ``$MPQ_CC`` / ``$MPQ_CXX`` where set, else the
+    ``cc`` / ``c++`` on PATH, deliberately not ``$CC`` / ``$CXX`` (what torch would take). On the H100 machine
+    ``$CXX`` named a wrapper (``/opt/gcc/bin/g++``) whose builds crashed the process (segmentation fault) whenever an
+    op raised an error, the error never reaching Python; ``c++``, the same GCC 13.3 that built torch, works."""
+    cc = os.environ.get("MPQ_CC") or shutil.which("cc") or os.environ.get("CC") or "cc"
+    cxx = os.environ.get("MPQ_CXX") or shutil.which("c++") or os.environ.get("CXX") or "c++"
+    return cc, cxx
+
+
 def _arch() -> str:
     if not torch.cuda.is_available():
         raise KernelUnavailableError("the CUTLASS kernels need a CUDA GPU; this machine has none")
@@ -69,7 +79,8 @@ def build_key(sources: list[Path], arch: str) -> str:
     for src in sources:
         h.update(src.name.encode())
         h.update(src.read_bytes())
-    h.update(" ".join([arch, torch.__version__, str(torch.version.cuda), CUTLASS_VERSION, *NVCC_FLAGS]).encode())
+    h.update(" ".join([arch, torch.__version__, str(torch.version.cuda), CUTLASS_VERSION, *NVCC_FLAGS,
+                       *host_compilers()]).encode())
     return h.hexdigest()[:16]
 
 
@@ -100,8 +111,10 @@ def load_extension(name: str, stem: str) -> str:
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("loading %s (%s, sm_%s) from %s; a first build takes a few minutes", name, key, arch, build_dir)
     flags = [*NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[0]}.{arch[1:]}"  # keep torch from adding its own -gencode list
+    # TORCH_CUDA_ARCH_LIST keeps torch from adding its own -gencode list; CC/CXX: see host_compilers
+    cc, cxx = host_compilers()
+    saved = {var: os.environ.get(var) for var in ("TORCH_CUDA_ARCH_LIST", "CC", "CXX")}
+    os.environ.update(TORCH_CUDA_ARCH_LIST=f"{arch[0]}.{arch[1:]}", CC=cc, CXX=cxx)
     try:
         load(name=f"{name}_{key}", sources=[str(s) for s in sources], extra_cuda_cflags=flags,
              extra_include_paths=[str(d) for d in include], build_directory=str(build_dir),
@@ -112,8 +125,9 @@ def load_extension(name: str, stem: str) -> str:
         _FAILED[name] = f"building the CUDA extension {name} in {build_dir} failed: {e}"
         raise KernelUnavailableError(_FAILED[name]) from e
     finally:
-        if saved is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     return str(build_dir)

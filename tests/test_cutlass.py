@@ -68,6 +68,19 @@ def _reference(q, s, w, ws, bias):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ARCHS)
+def test_w8a8_operand_errors_name_the_values(arch):
+    from mpq.kernels.cutlass_w8a8 import w8a8_gemm
+
+    q, w = torch.zeros(2, 64, dtype=torch.int8, device="cuda"), torch.zeros(32, 48, dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"a is m x k, w is n x k; got \[2, 64\] and \[32, 48\]"):
+        w8a8_gemm(q, torch.ones(2, device="cuda"), w, torch.ones(32, device="cuda"), arch=arch)
+    with pytest.raises(RuntimeError, match="a_scale must be float32 with one value per row of a"):
+        w8a8_gemm(q, torch.ones(3, device="cuda"), torch.zeros(32, 64, dtype=torch.int8, device="cuda"), torch.ones(32, device="cuda"),
+                  arch=arch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 129, 300, 2048])
 @pytest.mark.parametrize("k,n,bias", [(4096, 4096, False), (4096, 11008, True), (272, 48, True)])
 def test_w8a8_kernel_matches_float_reference(m, k, n, bias, arch):
@@ -129,7 +142,7 @@ def test_apply_matches_fakequant(m, arch):
 
 
 def test_int4_packing_round_trips_exactly():
-    from mpq.kernels.cutlass_w4a16 import pack_int4, unpack_int4
+    from mpq.kernels.cutlass_w4a16 import dequantize_int4, pack_int4, unpack_int4
 
     q = torch.randint(-8, 8, (37, 256), dtype=torch.int32)
     packed = pack_int4(q)
@@ -138,6 +151,25 @@ def test_int4_packing_round_trips_exactly():
     assert int(pack_int4(torch.tensor([[-1, 2]]))[0, 0]) == 0x2F  # the even column in the low nibble
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         pack_int4(torch.tensor([[8, 0]]))
+    # the bf16 weight that group 32 runs at prefill sizes: exact products of the values and their group's scale
+    scale = torch.rand(37, 256 // 32).to(torch.bfloat16)
+    expected = q.float() * scale.float().repeat_interleave(32, dim=1)
+    assert torch.equal(dequantize_int4(packed, scale.t(), 32).float(), expected.to(torch.bfloat16).float())
+
+
+def _w4a16_case(m: int, n: int, k: int, group: int):
+    """Random int4 weights, bf16 group scales and activations, and the float64 product of exactly those values."""
+    g = torch.Generator(device="cuda").manual_seed(m + n + group)
+    q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int32, generator=g)
+    s = (torch.rand(n, k // group, device="cuda", generator=g) / 50 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    w = (q.double() * s.double().repeat_interleave(group, dim=1))
+    return q, s.t().contiguous(), x, x.double() @ w.T
+
+
+def _assert_w4a16_close(y, ref, m: int, n: int):
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().mean()))
 
 
 @pytest.mark.gpu
@@ -145,15 +177,10 @@ def test_int4_packing_round_trips_exactly():
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 300, 2048])
 @pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (11008, 4096, 64), (256, 512, 64)])
 def test_w4a16_kernel_matches_float_reference(m, n, k, group):
-    from mpq.kernels.cutlass_w4a16 import (SHUFFLED, SHUFFLED_CONFIGS, W4A16_CONFIGS, pack_int4, reorder_int4,
-                                           unpack_int4, w4a16_gemm)
+    from mpq.kernels.cutlass_w4a16 import (SHUFFLED_CONFIGS, W4A16_CONFIGS, pack_int4, reorder_int4, unpack_int4,
+                                           w4a16_gemm)
 
-    g = torch.Generator(device="cuda").manual_seed(m + n + group)
-    q = torch.randint(-7, 8, (n, k), device="cuda", dtype=torch.int32, generator=g)
-    s = (torch.rand(n, k // group, device="cuda", generator=g) / 50 + 1e-3).to(torch.bfloat16)
-    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-    w = (q.double() * s.double().repeat_interleave(group, dim=1))
-    ref = x.double() @ w.T
+    q, s, x, ref = _w4a16_case(m, n, k, group)
     packed = pack_int4(q)
     shuffled = reorder_int4(packed)
     # a permutation of the same 4-bit values
@@ -162,22 +189,58 @@ def test_w4a16_kernel_matches_float_reference(m, n, k, group):
     for config in (0, *W4A16_CONFIGS):  # decode and prefill tiles at every m, plain and reordered weights
         if config in (3, 4) and group != 128:
             continue
-        weights = shuffled if config in SHUFFLED_CONFIGS or (config == 0 and SHUFFLED) else packed
+        weights = shuffled if config in SHUFFLED_CONFIGS else packed
         # the stream-K decode configurations under each work decomposition: heuristic, data-parallel, split-K, stream-K
         decompositions = ((0, 1), (1, 1), (2, 4), (3, 1)) if config in (1, 3, 4, 5) else ((0, 1),)
         for decomposition, splits in decompositions:
-            y = w4a16_gemm(x, weights, s.t().contiguous(), group, config, decomposition=decomposition, splits=splits)
-            assert y.shape == (m, n) and y.dtype == torch.bfloat16
-            torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().mean()))
+            _assert_w4a16_close(w4a16_gemm(x, weights, s, group, config, decomposition=decomposition, splits=splits),
+                                ref, m, n)
 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("option", ["w4a16g64", "w4a16g128"])
-def test_w4a16_apply_matches_fakequant(option):
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16, 33, 300])
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 128), (48, 384, 32),
+                                       (1040, 1152, 32)])
+def test_w4a16_decode_kernel_matches_float_reference(m, n, k, group):
+    from mpq.kernels.cutlass_w4a16 import DECODE_CONFIGS, pack_int4, w4a16_decode
+
+    q, s, x, ref = _w4a16_case(m, n, k, group)
+    packed = pack_int4(q)
+    for config in (0, *DECODE_CONFIGS):  # every tiling, including rows per warp that overhang n (n=48, 1040)
+        _assert_w4a16_close(w4a16_decode(x, packed, s, group, config), ref, m, n)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_w4a16_kernels_refuse_what_they_cannot_run():
+    # (an error message carrying a value crossed into torch as an std::string: built with the host compiler's default
+    # C++ ABI instead of torch's, it crashed the process on the H100 machine)
+    from mpq.kernels.cutlass_w4a16 import pack_int4, w4a16_decode, w4a16_gemm
+
+    q, s, x, _ = _w4a16_case(1, 64, 256, 32)
+    packed = pack_int4(q)
+    with pytest.raises(RuntimeError, match="group 64 or 128, got 32"):
+        w4a16_gemm(x, packed, s, 32, config=1)
+    with pytest.raises(RuntimeError, match="group 32, 64 or 128, got 16"):
+        w4a16_decode(x, packed, s, 16)
+    with pytest.raises(RuntimeError, match="k=192 of 128"):
+        w4a16_decode(x[:, :192].contiguous(), packed[:, :96].contiguous(), s[:6].contiguous(), 32)
+    with pytest.raises(RuntimeError, match=r"scale must be bf16 \[k / group, n\]"):
+        w4a16_decode(x, packed, s.t().contiguous(), 32)
+    with pytest.raises(RuntimeError, match="configuration 1 to 4, got 9"):
+        w4a16_decode(x, packed, s, 32, 9)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("option", ["w4a16g32", "w4a16g64", "w4a16g128"])
+# the decode kernel; CUTLASS's prefill tiles (group 32: the decode kernel at 40 tokens, dequantized bf16 at 300)
+@pytest.mark.parametrize("tokens", [5, 40, 300])
+def test_w4a16_apply_matches_fakequant(option, tokens):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128, bias=False)).cuda()
-    x = torch.randn(2, 5, 512, device="cuda")
+    x = torch.randn(2, tokens, 512, device="cuda")
     config = BitConfig({"0": option, "2": option})
     real = mpq.apply(copy.deepcopy(model), config, device="cuda")
     assert type(real[0]).__name__ == "CutlassW4A16Gemm"
@@ -194,6 +257,11 @@ def test_gpu_search_space_offers_exactly_the_kernels_options():
     inv = discover_layers(model, torch.randn(2, 4096, device="cuda"))
     space = mpq.build_search_space(inv, "cuda")
     names = {layer: {b.name for b in opts} for layer, opts in space.options.items()}
-    assert names["0"] == {"float", "w8a8", "w4a16g64", "w4a16g128", "fp8"}
+    assert names["0"] == {"float", "w8a8", "w4a16g32", "w4a16g64", "w4a16g128", "fp8"}
     assert "w4a16g64" not in names["1"] and "w8a8" not in names["1"]  # N=100: not a multiple of 8 (or 16 for FP8)
     assert "w8a8" not in names["2"]  # K=100 is not a multiple of 16
+    # group 32 runs on the decode kernel only: n a multiple of 16 and k of 128
+    model = nn.Sequential(nn.Linear(4096, 4104), nn.Linear(4104, 64)).cuda()
+    space = mpq.build_search_space(discover_layers(model, torch.randn(2, 4096, device="cuda")), "cuda")
+    assert {b.name for b in space.options["0"]} >= {"w4a16g64", "w4a16g128"}
+    assert "w4a16g32" not in {b.name for b in space.options["0"]} | {b.name for b in space.options["1"]}
