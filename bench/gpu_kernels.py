@@ -5,8 +5,8 @@ and 8192^3. Per shape, CUDA-event medians (interleaved, L2 flushed before each s
 (cuBLAS), ``torch._int_mm`` (INT8 -> INT32, m > 16 only), ``aten._weight_int4pack_mm`` (tinygemm W4A16, group 128),
 the CUTLASS W8A8 GEMM alone (``w8a8_sm90``: scales and bf16 output in its epilogue), the whole W8A8 layer
 (per-token quantization kernel + GEMM) and W4A16 as a converted module runs it (group 128, bf16 activations: mpq's
-decode kernel up to 16 tokens, CUTLASS beyond); with ``--all-configs`` every tile configuration of each kernel too. Achieved TOP/s and GB/s are against the H100 SXM's 1979 dense
-INT8 TOP/s and 3.35 TB/s.
+decode kernel up to 16 tokens, CUTLASS beyond); with ``--all-configs`` every tile configuration of each kernel too.
+Achieved TOP/s and GB/s are against the H100 SXM's 1979 dense INT8 TOP/s and 3.35 TB/s.
 
     python bench/gpu_kernels.py --all-configs    # writes bench/results/gpu_kernels.json (a first run builds the kernel)
 """

@@ -196,7 +196,8 @@ def gpu_kernels_section(d: dict) -> list[str]:
            f"{env['date']}; command: `{env['command']}` (all in one run through `bash bench/gpu_suite.sh`). Median ms "
            "of CUDA events, interleaved, L2 flushed before every sample. W8A8 GEMM: INT8 operands in, scales and "
            "bf16 out fused; W8A8 layer: the per-token quantization kernel + the GEMM; W4A16: group 128, bf16 "
-           "activations, as a converted module runs it (mpq's decode kernel up to m = 16, CUTLASS beyond); tinygemm: `aten._weight_int4pack_mm`, group 128.", "",
+           "activations, as a converted module runs it (mpq's decode kernel up to m = 16, CUTLASS beyond); "
+           "tinygemm: `aten._weight_int4pack_mm`, group 128.", "",
            "| N x K | m | bf16 | `_int_mm` | W8A8 GEMM | W8A8 layer | W4A16 | tinygemm | `_int_mm` / W8A8 | "
            "bf16 / W8A8 layer | bf16 / W4A16 | bf16 / tinygemm | W8A8 TOP/s | W8A8 GB/s | W4A16 GB/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -218,11 +219,13 @@ def gpu_kernels_section(d: dict) -> list[str]:
                      and k.endswith("_ms"))
     if configs:
         out += ["Every tile configuration (ms; `kernels/csrc/*_c<N>.cu`; the tables in `kernels/cutlass_w8a8.py` "
-                "and `kernels/cutlass_w4a16.py` pick among them by m; W4A16 4-6 run on reordered weights; W4A16 decode: mpq's kernel, m <= 64 only):", "",
+                "and `kernels/cutlass_w4a16.py` pick among them by m; W4A16 4-6 run on reordered weights; W4A16 "
+                "decode: mpq's kernel, m <= 64 only):", "",
                 "| N x K | m | " + " | ".join(c[:-3].replace("_config", " ").replace("_", " ") for c in configs) + " |",
                 "|---|---|" + "---|" * len(configs)]
         for r in rows:
-            out.append(f"| {r['n']} x {r['k']} | {r['m']} | " + " | ".join(f"{r[c]:.4f}" if c in r else "" for c in configs) + " |")
+            cells = (f"{r[c]:.4f}" if c in r else "" for c in configs)
+            out.append(f"| {r['n']} x {r['k']} | {r['m']} | " + " | ".join(cells) + " |")
         out.append("")
     return out
 

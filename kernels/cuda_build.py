@@ -4,7 +4,8 @@ CUTLASS comes from the ``nvidia-cutlass`` wheel (``pip install "mpq[gpu]"``), wh
 ``cutlass_library/source/include``; nothing of CUTLASS is copied into mpq. A build is cached in
 ``$MPQ_CACHE_DIR/kernels/<name>-<key>`` (default ``~/.cache/mpq``), the key hashing the sources, the GPU
 architecture, the torch and CUDA versions, the CUTLASS version, the flags and the host compilers, so a change in any
-of them rebuilds and nothing stale is loaded. Errors say what is missing (nvcc, the headers, a Hopper GPU) and how to get it.
+of them rebuilds and nothing stale is loaded. Errors say what is missing (nvcc, the headers, a Hopper GPU) and how to
+get it.
 """
 
 from __future__ import annotations

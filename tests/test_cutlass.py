@@ -75,8 +75,8 @@ def test_w8a8_operand_errors_name_the_values(arch):
     with pytest.raises(RuntimeError, match=r"a is m x k, w is n x k; got \[2, 64\] and \[32, 48\]"):
         w8a8_gemm(q, torch.ones(2, device="cuda"), w, torch.ones(32, device="cuda"), arch=arch)
     with pytest.raises(RuntimeError, match="a_scale must be float32 with one value per row of a"):
-        w8a8_gemm(q, torch.ones(3, device="cuda"), torch.zeros(32, 64, dtype=torch.int8, device="cuda"), torch.ones(32, device="cuda"),
-                  arch=arch)
+        w8a8_gemm(q, torch.ones(3, device="cuda"), torch.zeros(32, 64, dtype=torch.int8, device="cuda"),
+                  torch.ones(32, device="cuda"), arch=arch)
 
 
 @pytest.mark.gpu
@@ -214,8 +214,8 @@ def test_w4a16_decode_kernel_matches_float_reference(m, n, k, group):
 @pytest.mark.gpu
 @needs_hopper
 def test_w4a16_kernels_refuse_what_they_cannot_run():
-    # (an error message carrying a value crossed into torch as an std::string: built with the host compiler's default
-    # C++ ABI instead of torch's, it crashed the process on the H100 machine)
+    # (built with the H100 machine's $CXX, a compiler wrapper, every op crashed the process on its first error
+    # instead of raising: see cuda_build.host_compilers)
     from mpq.kernels.cutlass_w4a16 import pack_int4, w4a16_decode, w4a16_gemm
 
     q, s, x, _ = _w4a16_case(1, 64, 256, 32)
