@@ -75,15 +75,13 @@ DECODE_CONFIGS = (1, 2, 3, 4)  # (rows per warp, chunks in flight): (16, 4), (32
 GROUP32_DECODE_M = 128  # group 32 up to this many tokens on the decode kernel, beyond it dequantized to bf16
 
 
-def w4a16_tile_config(m: int, group: int, k: int, shuffled: bool = False) -> int:
-    """The configuration for ``m`` tokens: the prefill tiles beyond :data:`DECODE_M`; at decode sizes the K tile of
-    128 for group 128, except for long rows (k > 8192, e.g. a 7B model's down projection), where the K tile of 64
-    was faster (more k-iterations for stream-K to share among the SMs)."""
+def w4a16_tile_config(m: int, group: int, k: int) -> int:
+    """The plain-weight configuration for ``m`` tokens: the prefill tiles beyond :data:`DECODE_M`; at decode sizes
+    the K tile of 128 for group 128, except for long rows (k > 8192, e.g. a 7B model's down projection), where the
+    K tile of 64 was faster (more k-iterations for stream-K to share among the SMs)."""
     if m > DECODE_M:
-        return 6 if shuffled else 2
-    if group == 128 and k <= 8192:
-        return 4 if shuffled else 3
-    return 5 if shuffled else 1
+        return 2
+    return 3 if group == 128 and k <= 8192 else 1
 
 
 def reorder_int4(packed: Tensor) -> Tensor:
@@ -92,13 +90,13 @@ def reorder_int4(packed: Tensor) -> Tensor:
 
 
 def w4a16_gemm(x: Tensor, packed: Tensor, scale: Tensor, group: int, config: int = 0,
-               shuffled: bool = False, decomposition: int = 0, splits: int = 1) -> Tensor:
+               decomposition: int = 0, splits: int = 1) -> Tensor:
     """``x @ (s * W).T`` for bf16 ``x`` ``[m, K]``, ``packed`` :func:`pack_int4` of ``W`` ``[N, K]`` and ``scale`` the
-    group scales transposed, ``[K / group, N]``; ``config`` 0 picks the decode or prefill tile by m (``shuffled``:
-    ``packed`` went through :func:`reorder_int4`, and a shuffled configuration runs). The stream-K decode
+    group scales transposed, ``[K / group, N]``; ``config`` 0 picks the plain-weight decode or prefill tile by m
+    (configurations in :data:`SHUFFLED_CONFIGS` need ``packed`` through :func:`reorder_int4`). The stream-K decode
     configurations take CUTLASS's ``decomposition`` (0 its heuristic, 1 data-parallel, 2 split-K into ``splits``,
     3 stream-K)."""
-    config = config or w4a16_tile_config(x.shape[0], group, x.shape[1], shuffled)
+    config = config or w4a16_tile_config(x.shape[0], group, x.shape[1])
     return ops().w4a16_sm90(x, packed, scale, group, config, decomposition, splits)
 
 
