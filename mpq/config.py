@@ -17,30 +17,33 @@ from typing import Any, Iterable, Mapping
 from mpq.errors import ConfigError
 
 FORMAT = "mpq.bitconfig"
-VERSION = 2  # 2 added the FP8 format ("format" in layer bits); version 1 files read unchanged
-READS = (1, 2)
+VERSION = 3  # 3 added explicit weight symmetry ("symmetric"), 2 the FP8 format; older files read unchanged
+READS = (1, 2, 3)
 FORMATS = ("int", "e4m3")
 WEIGHT_BITS = range(2, 9)  # 2..8
 ACT_BITS = (8, 16)  # integer 8 / 16-bit (or a 16-bit float format where the kernel says so); None keeps float
 GROUP_SIZES = (16, 32, 64, 128, 256, 512)
 
-_NAME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+|f))?(?:g(?P<g>\d+))?$")
+_NAME = re.compile(r"^w(?P<w>\d+)(?:a(?P<a>\d+|f))?(?:g(?P<g>\d+))?(?P<sym>sym|asym)?$")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class LayerBits:
-    """Bits of one layer: weight bits, activation bits, the weight group size, and the number format.
+    """Bits of one layer: weight bits, activation bits, the weight group size, the number format and the symmetry.
 
     ``w_bits=None`` keeps the weight in float, ``a_bits=None`` keeps activations in float, ``group_size=None`` means
     one scale per output channel. ``fmt`` is ``int`` (integer levels) or ``e4m3`` (FP8 weights and activations,
-    named ``fp8``). The exact numerics (symmetric or not, scale dtype, how activations are scaled) are the kernel's:
-    see :meth:`mpq.registry.Kernel.scheme`.
+    named ``fp8``). ``symmetric`` says how integer weights are stored: ``True`` a scale per group (name suffix
+    ``sym``), ``False`` a scale and a zero (``asym``), ``None`` whatever the kernel's one scheme for these bits is
+    (the names of configs from before version 3, and of kernels that offer one scheme). The rest of the numerics
+    (scale dtype, how activations are scaled) are the kernel's: see :meth:`mpq.registry.Kernel.scheme`.
     """
 
     w_bits: int | None = None
     a_bits: int | None = None
     group_size: int | None = None
     fmt: str = "int"
+    symmetric: bool | None = None
 
     def __post_init__(self) -> None:
         if self.w_bits is not None and self.w_bits not in WEIGHT_BITS:
@@ -57,6 +60,12 @@ class LayerBits:
         if self.fmt == "e4m3" and (self.w_bits, self.a_bits, self.group_size) != (8, 8, None):
             raise ConfigError(f"FP8 (e4m3) is 8-bit weights and activations per channel/token, got "
                               f"w_bits={self.w_bits}, a_bits={self.a_bits}, group_size={self.group_size}")
+        if self.symmetric is not None:
+            if self.w_bits is None or self.fmt != "int":
+                raise ConfigError(f"symmetric={self.symmetric!r} given for {'float' if self.w_bits is None else 'FP8'}"
+                                  f" weights: symmetry applies to integer weights only")
+            if not isinstance(self.symmetric, bool):
+                raise ConfigError(f"symmetric must be True, False or None, got {self.symmetric!r}")
 
     @property
     def is_float(self) -> bool:
@@ -64,7 +73,8 @@ class LayerBits:
 
     @property
     def name(self) -> str:
-        """Short name: ``float``, ``w8a8``, ``w8a16``, ``w4a16g32``, ``w4af`` (float activations)."""
+        """Short name: ``float``, ``w8a8``, ``w8a16``, ``w4a16g32``, ``w4af`` (float activations), ``w3a16g64sym``
+        (symmetric: scales only), ``w2a16g32asym`` (a scale and a zero per group)."""
         if self.is_float:
             return "float"
         if self.fmt == "e4m3":
@@ -73,7 +83,8 @@ class LayerBits:
             raise ConfigError(f"float weights with {self.a_bits}-bit activations have no name: not supported")
         a = "f" if self.a_bits is None else str(self.a_bits)
         g = "" if self.group_size is None else f"g{self.group_size}"
-        return f"w{self.w_bits}a{a}{g}"
+        sym = "" if self.symmetric is None else ("sym" if self.symmetric else "asym")
+        return f"w{self.w_bits}a{a}{g}{sym}"
 
     @classmethod
     def parse(cls, text: str) -> LayerBits:
@@ -91,21 +102,24 @@ class LayerBits:
             w_bits=int(m["w"]),
             a_bits=None if a in (None, "f") else int(a),
             group_size=None if m["g"] is None else int(m["g"]),
+            symmetric=None if m["sym"] is None else m["sym"] == "sym",
         )
 
     def to_dict(self) -> dict[str, int | str | None]:
         d: dict[str, int | str | None] = {"w_bits": self.w_bits, "a_bits": self.a_bits, "group_size": self.group_size}
         if self.fmt != "int":
             d["format"] = self.fmt
+        if self.symmetric is not None:
+            d["symmetric"] = self.symmetric
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerBits:
-        unknown = set(d) - {"w_bits", "a_bits", "group_size", "format"}
+        unknown = set(d) - {"w_bits", "a_bits", "group_size", "format", "symmetric"}
         if unknown:
             raise ConfigError(f"unknown layer-bits keys {sorted(unknown)}: allowed are w_bits, a_bits, group_size, "
-                              f"format")
-        return cls(d.get("w_bits"), d.get("a_bits"), d.get("group_size"), d.get("format", "int"))
+                              f"format, symmetric")
+        return cls(d.get("w_bits"), d.get("a_bits"), d.get("group_size"), d.get("format", "int"), d.get("symmetric"))
 
     def __str__(self) -> str:
         return self.name

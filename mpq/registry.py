@@ -118,7 +118,8 @@ def layer_options(layer: LayerInfo, device: str) -> dict[LayerBits, Kernel]:
 
 def option_order(bits: LayerBits) -> tuple:
     """Most bits first (float, then 8-bit, ..., smaller groups last): the order options are listed in."""
-    return (-(bits.w_bits or 99), -(bits.a_bits or 99), -(bits.group_size or 10**6), bits.fmt)
+    return (-(bits.w_bits or 99), -(bits.a_bits or 99), -(bits.group_size or 10**6), bits.fmt,
+            {None: 0, False: 1, True: 2}[bits.symmetric])
 
 
 def allowed_text(options) -> str:

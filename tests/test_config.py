@@ -15,7 +15,7 @@ from mpq.errors import ConfigError
 bits_strategy = st.one_of(
     st.just(FLOAT),
     st.builds(LayerBits, st.integers(2, 8), st.sampled_from([None, 8, 16]),
-              st.sampled_from([None, 16, 32, 64, 128, 256, 512])),
+              st.sampled_from([None, 16, 32, 64, 128, 256, 512]), st.just("int"), st.sampled_from([None, True, False])),
 )
 
 
@@ -39,6 +39,16 @@ def test_names():
     assert LayerBits(4, None, 32).name == "w4afg32"
     assert LayerBits.parse("w4g32") == LayerBits(4, None, 32)
     assert LayerBits.parse("float") == FLOAT
+    assert LayerBits(3, 16, 64, symmetric=True).name == "w3a16g64sym"
+    assert LayerBits(2, 16, 32, symmetric=False).name == "w2a16g32asym"
+    assert LayerBits.parse("w4a16sym") == LayerBits(4, 16, None, symmetric=True)
+    assert LayerBits.parse("w4a16g128") != LayerBits.parse("w4a16g128sym")  # None: the kernel's one scheme
+
+
+def test_version_2_files_read():
+    old = {"format": "mpq.bitconfig", "version": 2, "layers": {"fc": {"w_bits": 4, "a_bits": 16, "group_size": 128}}}
+    assert BitConfig.from_dict(old)["fc"] == LayerBits(4, 16, 128)
+    assert "symmetric" not in BitConfig.from_dict(old).to_dict()["layers"]["fc"]
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -47,6 +57,8 @@ def test_names():
     (dict(w_bits=8, a_bits=4), ["activation bits 4", "(8, 16)"]),
     (dict(w_bits=4, group_size=48), ["group size 48", "128"]),
     (dict(group_size=32), ["group size 32", "float weights"]),
+    (dict(symmetric=True), ["symmetric=True", "integer weights"]),
+    (dict(w_bits=8, a_bits=8, fmt="e4m3", symmetric=True), ["symmetric=True", "FP8"]),
 ])
 def test_bad_layer_bits(kwargs, words):
     with pytest.raises(ConfigError) as e:
