@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=25)
     args = p.parse_args()
 
-    from mpq.registry import layer_options
+    from mpq.kernel_registry import layer_options
     from mpq.workers import Workload, time_callable
     from mpq.workers.timing import num_threads
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, environment  # noqa: E402
-from mpq.quant import WeightQuantSpec, quantize_weight  # noqa: E402
+from mpq.numerics import WeightQuantSpec, quantize_weight  # noqa: E402
 from mpq.quantizers import gptq_quantize  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]  # (N, K)
@@ -91,7 +91,7 @@ def fp8_vs_bf16() -> list[dict]:
     from mpq.kernels.cuda_fp8 import FP8Gemm, fp8_supported
     from mpq.kernels.gemm import pad_to, round_up
     from mpq.layers import LayerInfo
-    from mpq.quant import fp8_per_token
+    from mpq.numerics import fp8_per_token
 
     if not fp8_supported():
         return []

@@ -39,9 +39,9 @@ from mpq.evaluators import classification_metrics  # noqa: E402
 from mpq.fakequant import fake_quantize  # noqa: E402
 from mpq.layers import discover_layers, weight_matrix  # noqa: E402
 from mpq.models import load_reference  # noqa: E402
-from mpq.quant import GenericNumerics  # noqa: E402
+from mpq.numerics import GenericNumerics  # noqa: E402
 from mpq.quantizers import get_quantizer  # noqa: E402
-from mpq.registry import scheme_for  # noqa: E402
+from mpq.kernel_registry import scheme_for  # noqa: E402
 from mpq.sensitivity.measured import single_layer_deltas  # noqa: E402
 from mpq.calib import CalibrationSet  # noqa: E402
 from mpq.solvers import ilp_allocate  # noqa: E402

@@ -13,7 +13,7 @@
   both are zero-padded once at conversion, and the padding is counted in the size.
 
 Weight-only convolutions run through im2col (see :mod:`mpq.kernels.gemm`). Weights are quantized once by
-:func:`mpq.quant.quantize_weight` (the same integers fake-quant uses) and packed once; the packed fbgemm object is
+:func:`mpq.numerics.quantize_weight` (the same integers fake-quant uses) and packed once; the packed fbgemm object is
 rebuilt lazily after ``load_state_dict`` so that state dicts hold only plain tensors (``weights_only`` loads).
 """
 
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from mpq.config import LayerBits
 from mpq.kernels.gemm import QuantGemm, WeightStandIn, gemm_supported, pad_to, resolve_padding, round_up
 from mpq.layers import LayerInfo
-from mpq.quant import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec, act_qparams, quantize_activation
-from mpq.registry import Kernel, register_kernel
+from mpq.numerics import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec, act_qparams, quantize_activation
+from mpq.kernel_registry import Kernel, register_kernel
 
 
 @functools.lru_cache(maxsize=1)

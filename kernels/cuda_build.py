@@ -95,7 +95,7 @@ def load_extension(name: str, stem: str) -> str:
     with ``TORCH_LIBRARY``; returns the build directory."""
     from torch.utils.cpp_extension import load
 
-    from mpq.workers.cache import default_cache_dir
+    from mpq.paths import default_cache_dir
 
     if name in _FAILED:
         raise KernelUnavailableError(_FAILED[name])

@@ -1,13 +1,13 @@
 """FP8 (E4M3) W8A8 GEMM on NVIDIA GPUs with FP8 tensor cores (sm_89 Ada, sm_90 Hopper), via ``torch._scaled_mm``.
 
 Weights are E4M3 values with one float32 scale per output channel (``amax / 448``), quantized once at conversion;
-activations are quantized per token (row) on every call with the same rule (:func:`mpq.quant.fp8_per_token`), and
+activations are quantized per token (row) on every call with the same rule (:func:`mpq.numerics.fp8_per_token`), and
 ``_scaled_mm`` applies both scales in its epilogue (row-wise scaling), writing bf16; the bias is added after, in
 float, as fake-quant does. ``_scaled_mm`` wants K and N multiples of 16 (layers that are not get no FP8 option) and
 the weight column-major, which the transpose of a row-major ``[N, K]`` weight is. M is padded to 16 rows. The
 activation quantization is one fused Triton kernel (:mod:`mpq.kernels.triton_fp8`) where Triton is installed.
 
-The kernel registers on every machine but is :meth:`~mpq.registry.Kernel.available` only where CUDA reports compute
+The kernel registers on every machine but is :meth:`~mpq.kernel_registry.Kernel.available` only where CUDA reports compute
 capability 8.9 or higher, so a CPU machine never offers FP8 and imports this file without touching CUDA.
 """
 
@@ -20,8 +20,8 @@ from mpq.config import LayerBits
 from mpq.kernels.gemm import QuantGemm, gemm_supported, pad_to, round_up
 from mpq.kernels.triton_fp8 import fp8_quantize_rows, triton_available
 from mpq.layers import LayerInfo
-from mpq.quant import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec, fp8_per_token
-from mpq.registry import Kernel, register_kernel
+from mpq.numerics import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec, fp8_per_token
+from mpq.kernel_registry import Kernel, register_kernel
 
 FP8 = LayerBits(8, 8, None, "e4m3")
 ALIGN = 16

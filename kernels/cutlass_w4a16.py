@@ -21,8 +21,8 @@ from mpq.config import LayerBits
 from mpq.kernels.cutlass_w8a8 import hopper_ready
 from mpq.kernels.gemm import QuantGemm, gemm_supported
 from mpq.layers import LayerInfo
-from mpq.quant import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec
-from mpq.registry import Kernel, register_kernel
+from mpq.numerics import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec
+from mpq.kernel_registry import Kernel, register_kernel
 
 GROUPS = (32, 64, 128)
 CUTLASS_GROUPS = (64, 128)  # CUTLASS's mixed-input mainloop: the group must be a multiple of a K tile >= 64

@@ -6,7 +6,7 @@ Weights are INT8 symmetric per output channel (float32 scales), packed once at c
 bias and writes bf16, so a timing of this module includes the activation quantization. CUTLASS needs K a multiple of
 16 and N of 8: other layers get no option from this kernel.
 
-Registered on every machine, :meth:`~mpq.registry.Kernel.available` only on compute capability 9.0 with nvcc and the
+Registered on every machine, :meth:`~mpq.kernel_registry.Kernel.available` only on compute capability 9.0 with nvcc and the
 CUTLASS headers present; nothing is built or imported from CUDA until a layer is converted.
 """
 
@@ -21,8 +21,8 @@ from mpq.config import LayerBits
 from mpq.errors import KernelUnavailableError
 from mpq.kernels.gemm import QuantGemm, gemm_supported
 from mpq.layers import LayerInfo
-from mpq.quant import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec
-from mpq.registry import Kernel, register_kernel
+from mpq.numerics import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec
+from mpq.kernel_registry import Kernel, register_kernel
 
 W8A8 = LayerBits(8, 8)
 K_ALIGN, N_ALIGN = 16, 8

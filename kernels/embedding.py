@@ -4,7 +4,7 @@ Each row of the table is stored as its integer levels followed by that row's sca
 0): float32 for 8 bits, float16 for 4 and 2 bits, with 4- and 2-bit levels packed low bits first into bytes, the
 layout these fbgemm ops read. A lookup is a bag of one index per token (``offsets = 0, 1, 2, ...``), so the op
 returns each token's dequantized row. The numerics are min-max per row, asymmetric with the zero at the minimum
-(``zero_at_min``), which a :class:`~mpq.quant.WeightQuantSpec` expresses exactly, so fake-quant and the sensitivity
+(``zero_at_min``), which a :class:`~mpq.numerics.WeightQuantSpec` expresses exactly, so fake-quant and the sensitivity
 estimators see the same table.
 """
 
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from mpq.config import LayerBits
 from mpq.kernels.gemm import WeightStandIn
 from mpq.layers import LayerInfo
-from mpq.quant import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec
-from mpq.registry import Kernel, register_kernel
+from mpq.numerics import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec
+from mpq.kernel_registry import Kernel, register_kernel
 
 _OPS = {8: "embedding_bag_byte_rowwise_offsets", 4: "embedding_bag_4bit_rowwise_offsets",
         2: "embedding_bag_2bit_rowwise_offsets"}

@@ -1,6 +1,6 @@
 """Per-token FP8 activation quantization as one fused Triton kernel (row amax, scale, divide, clamp, cast).
 
-In eager PyTorch the same computation (:func:`mpq.quant.fp8_per_token`) takes about eight kernel launches, which at
+In eager PyTorch the same computation (:func:`mpq.numerics.fp8_per_token`) takes about eight kernel launches, which at
 decode sizes cost more than the FP8 GEMM they feed. This kernel reads each row once and writes the E4M3 values and
 the row's float32 scale, zero-filling the padding rows that ``torch._scaled_mm`` needs (M a multiple of 16). Its
 arithmetic is fake-quant's: ``scale = amax / 448`` (1 for an all-zero row) in float32, ``q = e4m3(clamp(x / scale))``
@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-from mpq.quant import FP8_MAX
+from mpq.numerics import FP8_MAX
 
 
 @functools.lru_cache(maxsize=1)

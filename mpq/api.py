@@ -28,7 +28,7 @@ from mpq.costs import MB, Reference, build_cost_table, fixed_costs, float_refere
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers, first_tensor, set_submodule
 from mpq.quantizers import Quantizer, get_quantizer
-from mpq.registry import kernel_for, normalize_device, torch_device
+from mpq.kernel_registry import kernel_for, normalize_device, torch_device
 from mpq.space import SearchSpace, build_search_space, validate_config
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     (0 keeps the strict optimum; exact ties still go to the fastest). ``command`` is recorded in the report as the
     way to reproduce the run.
     """
-    from mpq.workers.cluster import Target
+    from mpq.target import Target
 
     t_start = time.perf_counter()
     target = Target.parse(device)
@@ -354,7 +354,7 @@ def search_devices(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Modu
     """:func:`search` for each target device (``["cpu", "cuda:h100"]``): each with that device's options, its
     latencies measured on nodes of that kind, its own frontier and choice. With ``out``, each run goes to
     ``out/<device>/`` and ``out/dashboard.html`` shows the devices' frontiers side by side."""
-    from mpq.workers.cluster import Target
+    from mpq.target import Target
 
     targets = [Target.parse(d) for d in devices]
     if not targets or len({t.name for t in targets}) != len(targets):

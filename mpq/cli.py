@@ -195,7 +195,7 @@ def cmd_search(args) -> int:
         print(summary_line(args.out))
     else:
         from mpq.api import search_devices
-        from mpq.workers import Target
+        from mpq.target import Target
 
         search_devices(task.model, task.calib, task.eval_fn, devices=devices, out=args.out, **options)
         for d in devices:

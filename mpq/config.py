@@ -36,7 +36,7 @@ class LayerBits:
     named ``fp8``). ``symmetric`` says how integer weights are stored: ``True`` a scale per group (name suffix
     ``sym``), ``False`` a scale and a zero (``asym``), ``None`` whatever the kernel's one scheme for these bits is
     (the names of configs from before version 3, and of kernels that offer one scheme). The rest of the numerics
-    (scale dtype, how activations are scaled) are the kernel's: see :meth:`mpq.registry.Kernel.scheme`.
+    (scale dtype, how activations are scaled) are the kernel's: see :meth:`mpq.kernel_registry.Kernel.scheme`.
     """
 
     w_bits: int | None = None

@@ -1,7 +1,7 @@
 """Cost models: size in bytes (scales, zeros and padding included), BOPs, and latency from the profile table.
 
 - size: what the quantized layer's state dict holds (integer weights, scales, zeros, float bias), from the kernel's
-  own storage format (:meth:`mpq.registry.Kernel.weight_bytes`); float layers count their parameters' bytes.
+  own storage format (:meth:`mpq.kernel_registry.Kernel.weight_bytes`); float layers count their parameters' bytes.
 - BOPs: MACs x weight bits x activation bits (float counts as its dtype width, 32 for fp32).
 - latency: the profiled median of the layer's workload times the calls per forward; the rest of the model (what is
   not a quantizable layer) is a fixed cost, measured once with every layer replaced by its recorded output.
@@ -17,8 +17,8 @@ import pandas as pd
 
 from mpq.config import FLOAT, LayerBits
 from mpq.layers import LayerInfo, LayerInventory
-from mpq.quant import GenericNumerics, QuantScheme, torch_dtype
-from mpq.registry import kernel_for, scheme_for
+from mpq.numerics import GenericNumerics, QuantScheme, torch_dtype
+from mpq.kernel_registry import kernel_for, scheme_for
 from mpq.space import SearchSpace
 
 RESOURCES = ("size_mb", "bops", "latency_ms")
@@ -41,7 +41,7 @@ def packed_weight_bytes(layer: LayerInfo, scheme: QuantScheme) -> int:
 
 def layer_size_bytes(layer: LayerInfo, bits: LayerBits, device) -> int:
     """Bytes of ``layer`` at ``bits``: as the kernel of ``device`` stores it, or as generic numerics say (``device``
-    None or a :class:`~mpq.quant.GenericNumerics`: no padding beyond whole groups)."""
+    None or a :class:`~mpq.numerics.GenericNumerics`: no padding beyond whole groups)."""
     if bits == FLOAT:
         return layer.float_bytes()
     if device is None or isinstance(device, GenericNumerics):

@@ -1,7 +1,7 @@
 """Fake-quantized models: the float reference of what a bit config will compute on its kernels.
 
 A :class:`FakeQuantLayer` holds ``Q(W)`` (dequantized once) and fake-quantizes its input as the kernel's
-:class:`~mpq.quant.QuantScheme` says, so its output matches the real kernel up to accumulation order. It runs in
+:class:`~mpq.numerics.QuantScheme` says, so its output matches the real kernel up to accumulation order. It runs in
 float on any device and keeps gradients flowing to nothing (weights are buffers): it is for evaluation.
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from mpq.config import BitConfig
 from mpq.layers import LayerInfo, LayerInventory, call_model, discover_layers, set_submodule, weight_matrix
-from mpq.quant import ActivationQuantizer, QuantScheme, torch_dtype
+from mpq.numerics import ActivationQuantizer, QuantScheme, torch_dtype
 from mpq.quantizers import Quantizer, get_quantizer
-from mpq.registry import scheme_for
+from mpq.kernel_registry import scheme_for
 
 
 class FakeQuantLayer(nn.Module):

@@ -1,7 +1,7 @@
 """Weight quantizers: how the integers of a layer are chosen, once its storage format (bits, group, scales) is fixed.
 
-The kernel decides the format (:class:`~mpq.quant.WeightQuantSpec`); a quantizer decides the rounding. Every
-quantizer returns a :class:`~mpq.quant.QuantizedWeight` in that format, so the kernels pack its integers as they
+The kernel decides the format (:class:`~mpq.numerics.WeightQuantSpec`); a quantizer decides the rounding. Every
+quantizer returns a :class:`~mpq.numerics.QuantizedWeight` in that format, so the kernels pack its integers as they
 are, and fake-quant, the sensitivity estimators and :func:`mpq.apply` all see the same weights.
 
 - ``minmax``: each group's range is its min and max; round to nearest.
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, call_model, is_hf_conv1d
-from mpq.quant import (QuantizedWeight, WeightQuantSpec, group_params, grouped, levels_to_values, quantize_grouped,
+from mpq.numerics import (QuantizedWeight, WeightQuantSpec, group_params, grouped, levels_to_values, quantize_grouped,
                        quantize_weight, round_to_levels)
 
 log = logging.getLogger(__name__)

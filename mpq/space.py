@@ -14,9 +14,9 @@ from torch import nn
 from mpq.config import FLOAT, BitConfig, LayerBits
 from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers
-from mpq.quant import GenericNumerics
+from mpq.numerics import GenericNumerics
 from mpq.quantizers import MinMaxQuantizer, Quantizer
-from mpq.registry import allowed_text, layer_options, normalize_device, option_order
+from mpq.kernel_registry import allowed_text, layer_options, normalize_device, option_order
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def generic_space(inventory: LayerInventory, weight_bits: Iterable[int] = (2, 3,
                   act_bits: Iterable[int | None] = (None, 8), group_sizes: Iterable[int | None] = (None,),
                   quantizer: Quantizer | None = None, numerics: GenericNumerics | None = None) -> SearchSpace:
     """A device-free space for studying sensitivity and rounding (``device=None``: fake-quant with the generic
-    numerics of :func:`mpq.quant.default_scheme`): every weight bit-width at each group size (None: per channel),
+    numerics of :func:`mpq.numerics.default_scheme`): every weight bit-width at each group size (None: per channel),
     with each activation width. Embeddings get the weight-only options. Groups wider than a layer's K are left out
     (they would only pad). ``numerics`` says how weights are stored (default: symmetric, float32 scales). Not for
     deployment: no kernel is promised to run these."""

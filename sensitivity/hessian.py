@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from mpq.calib import CalibrationSet, LossFn, default_loss
 from mpq.config import FLOAT, LayerBits
 from mpq.layers import LayerInventory, call_model, modules_by_name, weight_matrix
-from mpq.quant import ActQuantSpec, fake_quantize_activation
-from mpq.registry import scheme_for
+from mpq.numerics import ActQuantSpec, fake_quantize_activation
+from mpq.kernel_registry import scheme_for
 from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
 

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from mpq.calib import CalibrationSet, model_output
 from mpq.config import FLOAT
 from mpq.layers import LayerInventory, call_model, modules_by_name, weight_matrix
-from mpq.quant import fake_quantize_activation
-from mpq.registry import scheme_for
+from mpq.numerics import fake_quantize_activation
+from mpq.kernel_registry import scheme_for
 from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
 

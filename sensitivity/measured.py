@@ -24,7 +24,7 @@ from mpq.calib import CalibrationSet, LossFn, default_loss, model_output
 from mpq.config import FLOAT, LayerBits
 from mpq.fakequant import FakeQuantLayer
 from mpq.layers import LayerInventory, call_model, set_submodule
-from mpq.registry import scheme_for
+from mpq.kernel_registry import scheme_for
 from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
 

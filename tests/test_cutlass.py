@@ -13,8 +13,8 @@ from mpq.config import BitConfig
 from mpq.errors import KernelUnavailableError
 from mpq.fakequant import fake_quantize
 from mpq.kernels.cutlass_w8a8 import W8A8, CudaCutlassW8A8, ampere_ready, hopper_ready
-from mpq.quant import ActQuantSpec, fake_quantize_activation
-from mpq.registry import kernels_for
+from mpq.numerics import ActQuantSpec, fake_quantize_activation
+from mpq.kernel_registry import kernels_for
 
 needs_hopper = pytest.mark.skipif(not hopper_ready(), reason="needs an sm_90 GPU, nvcc and nvidia-cutlass")
 # both W8A8 builds: sm_90 on Hopper; sm_80 (CUTLASS 2) on Ampere, Ada and Hopper

@@ -106,8 +106,8 @@ def test_measured_equals_hand_computed_delta():
     space = build_search_space(inv, "cpu", allowed=["w4a16g32"])
     res = get_estimator("measured", backend="inprocess").run(model, calib, space, inv, progress=False)
     # by hand: dequantize layer 0's weight exactly as the int4 kernel stores it, recompute the loss
-    from mpq.quant import fake_quantize_weight
-    from mpq.registry import scheme_for
+    from mpq.numerics import fake_quantize_weight
+    from mpq.kernel_registry import scheme_for
 
     scheme = scheme_for(inv["0"], mpq.LayerBits.parse("w4a16g32"), "cpu")
     w_q = fake_quantize_weight(model[0].weight, scheme.weight)

@@ -13,8 +13,8 @@ from mpq.errors import ConfigError
 from mpq.fakequant import fake_quantize
 from mpq.kernels.cuda_fp8 import FP8, CudaFP8ScaledMM, fp8_supported
 from mpq.layers import discover_layers
-from mpq.quant import FP8_MAX, ActQuantSpec, WeightQuantSpec, fake_quantize_activation, quantize_weight
-from mpq.registry import kernels_for
+from mpq.numerics import FP8_MAX, ActQuantSpec, WeightQuantSpec, fake_quantize_activation, quantize_weight
+from mpq.kernel_registry import kernels_for
 
 
 def test_fp8_bits_name_json_and_validation():
@@ -86,7 +86,7 @@ def test_search_on_gpu_offers_and_profiles_fp8(lm_task, tmp_path):
 def test_fused_fp8_activation_kernel_equals_eager(m, k):
     from mpq.kernels.triton_fp8 import fp8_quantize_rows, triton_available
     from mpq.kernels.gemm import pad_to, round_up
-    from mpq.quant import fp8_per_token
+    from mpq.numerics import fp8_per_token
 
     if not (fp8_supported() and triton_available()):
         pytest.skip("needs FP8 tensor cores and Triton")

@@ -17,8 +17,8 @@ from mpq.costs import layer_size_bytes
 from mpq.fakequant import FakeQuantLayer, fake_quantize
 from mpq.kernels.gemm import state_bytes
 from mpq.layers import discover_layers
-from mpq.quant import act_qparams, quantize_weight
-from mpq.registry import kernel_for, kernels_for, layer_options
+from mpq.numerics import act_qparams, quantize_weight
+from mpq.kernel_registry import kernel_for, kernels_for, layer_options
 
 BF16_REL = 2.0**-8  # half an ulp of bfloat16, relative
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpq.errors import CalibrationError, ConfigError
-from mpq.quant import (ActivationQuantizer, ActQuantSpec, WeightQuantSpec, fake_quantize_activation,
+from mpq.numerics import (ActivationQuantizer, ActQuantSpec, WeightQuantSpec, fake_quantize_activation,
                        fake_quantize_weight, quantize_weight, weight_error)
 
 

@@ -17,9 +17,9 @@ from mpq.fakequant import fake_quantize
 from mpq.kernels.embedding import pack_rows, unpack_rows
 from mpq.kernels.gemm import state_bytes
 from mpq.layers import discover_layers
-from mpq.quant import QuantScheme, WeightQuantSpec, quantize_weight
+from mpq.numerics import QuantScheme, WeightQuantSpec, quantize_weight
 from mpq.quantizers import available_quantizers, collect_hessians, get_quantizer, gptq_quantize
-from mpq.registry import kernel_for
+from mpq.kernel_registry import kernel_for
 
 SPECS = [WeightQuantSpec(3, True, None), WeightQuantSpec(3, False, 32), WeightQuantSpec(4, False, 64, "bfloat16"),
          WeightQuantSpec(2, True, 32), WeightQuantSpec(4, False, None, "float16", zero_at_min=True)]

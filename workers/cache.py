@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
+
+from mpq.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ def _plain(v: Any) -> Any:
     if v is None or (isinstance(v, float) and v != v):
         return None
     return v.item() if hasattr(v, "item") else v
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("MPQ_CACHE_DIR"):
-        return Path(os.environ["MPQ_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mpq"
 
 
 class ProfileCache:

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from mpq.errors import ConfigError, MpqError
+from mpq.target import RESOURCE_PREFIX, Target
 
 log = logging.getLogger(__name__)
 
-RESOURCE_PREFIX = "mpq_device_"
 # Ray binds every port to the loopback address only when it believes it runs a single-machine (Windows/macOS)
 # session; this switch is how a cluster that mpq starts itself stays unreachable from the network.
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -46,42 +44,6 @@ _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 class DeviceUnavailableError(MpqError, RuntimeError):
     """No node of the Ray cluster offers the requested kind of device (any more)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A kind of device to measure on: ``name`` as the user wrote it, ``device`` the kernels' device."""
-
-    name: str
-    device: str
-
-    @classmethod
-    def parse(cls, spec: str | Target) -> Target:
-        if isinstance(spec, Target):
-            return spec
-        from mpq.registry import normalize_device
-
-        text = str(spec).strip().lower()
-        device = normalize_device(text)
-        label = text.partition(":")[2]
-        if label and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", label):
-            raise ConfigError(f"device {spec!r}: the label after ':' may hold letters, digits, '_', '.' and '-'")
-        # "cuda:0" is an index, not a kind of device
-        return cls(device if not label or label.isdigit() else f"{device}:{label}", device)
-
-    @property
-    def label(self) -> str | None:
-        return self.name.partition(":")[2] or None
-
-    @property
-    def resource(self) -> str:
-        """The Ray custom resource a node declares to offer this kind of device."""
-        return RESOURCE_PREFIX + re.sub(r"[^a-z0-9]+", "_", self.name).strip("_")
-
-    @property
-    def slug(self) -> str:
-        """A file-name-safe form (run subdirectories)."""
-        return re.sub(r"[^a-z0-9]+", "-", self.name).strip("-")
 
 
 def ensure_ray(address: str | None = None, **init_options: Any):

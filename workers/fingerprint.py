@@ -28,7 +28,7 @@ def _cpu_model() -> str:
 def device_fingerprint(device: str = "cpu") -> dict[str, Any]:
     """The properties a measurement depends on, read where the measurement runs (e.g. inside a Ray task) after its
     thread count is set: the recorded ``threads`` is the intra-op thread count torch reports there."""
-    from mpq.registry import kernels_for, normalize_device
+    from mpq.kernel_registry import kernels_for, normalize_device
 
     dev = normalize_device(device)
     fp: dict[str, Any] = {"device": dev, "arch": platform.machine(), "torch": torch.__version__,

@@ -12,7 +12,7 @@ from torch import nn
 
 from mpq.config import FLOAT, LayerBits
 from mpq.layers import LayerInfo, LayerInventory
-from mpq.registry import kernel_for
+from mpq.kernel_registry import kernel_for
 from mpq.space import SearchSpace
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from mpq.config import FLOAT, LayerBits
 from mpq.errors import ConfigError
 from mpq.layers import LayerInfo
-from mpq.quant import QuantizedWeight, QuantScheme
+from mpq.numerics import QuantizedWeight, QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def kernel_for(layer: LayerInfo, bits: LayerBits, device: str) -> Kernel:
 
 def scheme_for(layer: LayerInfo, bits: LayerBits, device) -> QuantScheme | None:
     """Numerics of ``bits`` for ``layer``: the kernel's on ``device``; with ``device`` a
-    :class:`~mpq.quant.GenericNumerics` (or None, its defaults), those generic numerics."""
-    from mpq.quant import GenericNumerics
+    :class:`~mpq.numerics.GenericNumerics` (or None, its defaults), those generic numerics."""
+    from mpq.numerics import GenericNumerics
 
     if bits == FLOAT:
         return None
