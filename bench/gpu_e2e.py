@@ -1,6 +1,6 @@
 """End to end on the GPU: a Llama-7B-shaped decoder stack (a few blocks of Llama-7B's linears with embedding and
-head, random bf16 weights) as bf16, uniform W8A8, uniform W4A16 (group 128) and the config ``mpq.search`` picks under
-a latency budget, each applied on the real kernels and timed at decode (1 token) and prefill (2048 tokens), eager
+head, random bf16 weights) as bf16, uniform W8A8, uniform W4A16 (group 128) and W3A16 (group 64) on mpq's low-bit
+kernels, and the config ``mpq.search`` picks under a latency budget, each applied on the real kernels and timed at decode (1 token) and prefill (2048 tokens), eager
 and replayed from a CUDA graph.
 
     python bench/gpu_e2e.py --blocks 4        # writes bench/results/gpu_e2e.json
@@ -23,6 +23,11 @@ from bench.common import RESULTS, environment  # noqa: E402
 from bench.gpu_quant import time_cuda  # noqa: E402
 
 log = logging.getLogger("gpu_e2e")
+# The options the search may use (besides float). Not the whole GPU space (about 27 options a layer): the search's
+# quantizer caches every layer at every format it was asked for, which for all of them on this stack took the H200's
+# 140 GB (seen in the run of 2026-12-01) and its profiling 109 workloads (2.5 min).
+OPTIONS = ("fp8", "w8a8", "w8a16", "w4a16g128sym", "w4a16g64sym", "w4a16g32sym", "w3a16g128sym", "w3a16g64sym",
+           "w2a16g128sym", "w2a16g64sym")
 
 
 def build(blocks: int) -> torch.nn.Module:
@@ -50,6 +55,8 @@ def main(argv=None) -> None:
                    help="the search's budget (relative to bf16 at 16 tokens); where the kernels cannot meet it, the "
                         "tightest one they can: 2%% above the smallest reachable latency")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--options", nargs="*", default=list(OPTIONS),
+                   help="options the search may use (default: %(default)s); none: every option the GPU offers")
     args = p.parse_args(argv)
     model = build(args.blocks)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -59,20 +66,26 @@ def main(argv=None) -> None:
     inventory = discover_layers(model, calib[0][0])
     space = mpq.build_search_space(inventory, "cuda")
     int8 = uniform_choice(space, ("w8a8",))
-    int4 = uniform_choice(space, ("w4a16g128",), fallback=int8)
+    int4 = uniform_choice(space, ("w4a16g128sym", "w4a16g128"), fallback=int8)  # mpq's low-bit kernel, else v1
+    int3 = uniform_choice(space, ("w3a16g64sym",), fallback=int4)
     def search(budget: str):
         return mpq.search(model, calib, None, budget=budget, device="cuda", profile="inprocess",
-                          sensitivity="entropy", repeats=10, frontier_points=3, evaluate_frontier=False)
+                          sensitivity="entropy", repeats=10, frontier_points=3, evaluate_frontier=False,
+                          allowed=args.options or None)
 
+    tightest = None
     try:
         result = search(args.budget)
     except BudgetError as e:
         tightest = f"latency_ms={e.smallest['latency_ms'] * 1.02:.4f}"
         log.info("budget %s cannot be met (%s); searching under %s", args.budget, e, tightest)
+    if tightest is not None:  # outside the handler: its traceback would keep the first search's memory alive
+        torch.cuda.empty_cache()
         args.budget = tightest
         result = search(tightest)
     configs = {"uniform_w8a8": BitConfig({k: LayerBits.parse(v) for k, v in int8.items()}),
                "uniform_w4a16": BitConfig({k: LayerBits.parse(v) for k, v in int4.items()}),
+               "uniform_w3a16": BitConfig({k: LayerBits.parse(v) for k, v in int3.items()}),
                "mixed": result.config}
     models = {"bf16": model}
     for name, cfg in configs.items():

@@ -34,15 +34,91 @@ def demo_section(d: dict) -> list[str]:
 
 
 def kernels_section(d: dict) -> list[str]:
-    out = ["## CPU kernels vs the float layer they replace (`bench/cpu_kernels.py`)", "", _env(d), "",
-           "Median latency of one call of the quantized module (activation quantization, im2col and casts "
-           "included) and of the float module, measured side by side.", "",
-           "| kind | weight | input | option | float (ms) | quantized (ms) | float / quantized |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["## CPU kernels vs the float layer and the INT8 kernel (`bench/cpu_kernels.py`)", "", _env(d), "",
+           f"SIMD path of mpq's low-bit kernel: `{d.get('code_path', '?')}`; load average before/after "
+           f"{d.get('loadavg_before')} / {d.get('loadavg_after')}. Median latency of one call of the module `apply` "
+           "installs (casts, padding and bias included), the float `nn.Linear`, and `w8a16` "
+           "(`_weight_int8pack_mm`, the INT8 kernel), measured side by side; `x float` and `x int8` are speed-ups "
+           "over those (above 1: faster). Options marked * are not offered (mpq's 4-bit asymmetric groups, timed "
+           "next to tinygemm's `w4a16g*`, which store the same bytes).", ""]
+    if "goals" in d:
+        g = d["goals"]
+        out += [f"Goals: at m = 1 every option below 8 bits faster than `w8a16`: {g['m1_faster_than_int8']} "
+                f"(4096x4096: {g['m1_faster_than_int8_4096']}; worst {_num(g['m1_worst_vs_int8'])}x); at m = 256 "
+                f"within 2x of float: {g['m256_within_2x_float']} (worst {_num(g['m256_worst_vs_float'])}x).", ""]
+    if d["rows"] and "m" not in d["rows"][0]:  # the format before issue 16
+        out += ["| kind | weight | input | option | float (ms) | quantized (ms) | float / quantized |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['kind']} | {r['weight']} | {r['input']} | {r['option']} | {r['float_ms']:.4f} | "
+                f"{r['quant_ms']:.4f} | {r['speedup']:.2f} |" for r in d["rows"]]
+        return out + [""]
+    groups: dict = {}
     for r in d["rows"]:
-        out.append(f"| {r['kind']} | {r['weight']} | {r['input']} | {r['option']} | {r['float_ms']:.4f} | "
-                   f"{r['quant_ms']:.4f} | {r['speedup']:.2f} |")
-    return out + [""]
+        groups.setdefault((r["n"], r["k"]), {}).setdefault(r["option"], {})[r["m"]] = r
+    ms = sorted({r["m"] for r in d["rows"]})
+    for (n, k), opts in groups.items():
+        out += [f"### N x K = {n} x {k}", "",
+                "| option | " + " | ".join(f"m={m} ms | x float | x int8" for m in ms) + " |",
+                "|---|" + "---|---|---|" * len(ms)]
+        for opt, by_m in opts.items():
+            star = "" if next(iter(by_m.values()))["offered"] else "*"
+            cells = []
+            for m in ms:
+                r = by_m.get(m)
+                cells += ["", "", ""] if r is None else \
+                    [f"{r['ms']:.4f}", f"{r['vs_float']:.2f}", f"{r['vs_int8']:.2f}"]
+            out.append(f"| {opt}{star} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def search_quality_section(d: dict) -> list[str]:
+    out = ["## Search quality at 6, 4, 3 and 2.5 weight bits (`bench/search_quality.py`)", "", _env(d["env"]), "",
+           "A budget of b bits is the size of the uniform model storing b bits a weight with its scales (`w{b}a16sym` "
+           "per channel, `w2a16g32sym` at 2.5; embeddings per row); every row gets that size_mb. Metric on held-out "
+           "data (perplexity, or NLL for the CNN); `increase` is over float; `mixed default` is `mpq.search` with "
+           "its defaults (wall seconds), applied on the real kernels.", ""]
+    for m in d.get("models", []):
+        metric = m["metric"]
+        out += [f"### {m['model']} (float {metric} {m['float']:.5g}; {m['layers']} layers, {m['weights']:,} weights)",
+                "", f"| bits | row | size (MB) of limit | bits/weight (+ scales) | {metric} | increase | seconds | "
+                "options |", "|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            bpw = "" if r["bits_per_weight"] is None else \
+                f"{r['bits_per_weight_nominal']:.3g} ({r['bits_per_weight']:.3g})"
+            out.append(f"| {r['budget_bits']:g} | {r['row']} | {r['size_mb']:.4f} of {r['limit_mb']:.4f} | {bpw} | "
+                       f"{r[metric]:.5g} | {r['increase']:+.4g} | {r['seconds']:.0f} | "
+                       f"{', '.join(f'{k} {v}' for k, v in r['histogram'].items())} |")
+        for g in m.get("goals", []):
+            out.append("")
+            out.append(f"Goals at {g['budget_bits']:g} bits: mixed beats both uniform rows: {g['beats_uniform']}" +
+                       (f"; increase / uniform min-max's {g['increase_vs_minmax']:.3f} (goal <= 0.15)"
+                        if "increase_vs_minmax" in g else "") +
+                       (f"; relative to float {g['relative_to_float']:+.4%} (goal <= 0.2 %)"
+                        if "relative_to_float" in g else ""))
+        out.append("")
+    return out
+
+
+def options_section(d: dict) -> list[str]:
+    out = ["## The low-bit option set: frontier shares and scale dtype (`bench/search_quality.py --sections "
+           "frontier,scales`)", "", _env(d["env"]), ""]
+    if "frontier" in d:
+        out += ["Share of the zoo's layers (" + ", ".join(d["frontier"]["models"]) + ") on whose frontier of stored "
+                "bytes vs Hessian-weighted output error (min-max rounding) each option lies; the kernel offers the "
+                "options at 25 % or more (plus what the rule of no duplicates leaves).", "",
+                "| kind | option | on frontier | layers | share |", "|---|---|---|---|---|"]
+        out += [f"| {r['kind']} | {r['option']} | {r['on_frontier']} | {r['layers']} | {r['share']:.0%} |"
+                for r in d["frontier"]["rows"]]
+        out.append("")
+    if "scales" in d:
+        out += ["### Scale dtype", "", "Weight error with bf16 scales (and zeros) over fp16 ones, every zoo layer at "
+                "per-channel, g32 and g128 (above 1: bf16 worse).", "",
+                "| bits | scheme | median | min | max | cases |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['bits']} | {'sym' if r['symmetric'] else 'asym'} | {r['median']:.4f} | {r['min']:.4f} | "
+                f"{r['max']:.4f} | {r['cases']} |" for r in d["scales"]["rows"]]
+        out.append("")
+    return out
 
 
 def sensitivity_section(results: list[dict]) -> list[str]:
@@ -190,44 +266,14 @@ def gpu_quant_section(d: dict) -> list[str]:
 
 
 def gpu_kernels_section(d: dict) -> list[str]:
-    env, rows = d["env"], d["rows"]
-    out = ["## W8A8 and W4A16 kernels on the GPU (`python bench/gpu_kernels.py --all-configs`)", "",
-           f"{env.get('gpu')} (driver {env['device'].get('driver')}), torch {env['torch']}, CUDA {env['cuda']}, "
-           f"{env['date']}; command: `{env['command']}` (all in one run through `bash bench/gpu_suite.sh`). Median ms "
-           "of CUDA events, interleaved, L2 flushed before every sample. W8A8 GEMM: INT8 operands in, scales and "
-           "bf16 out fused; W8A8 layer: the per-token quantization kernel + the GEMM; W4A16: group 128, bf16 "
-           "activations, as a converted module runs it (mpq's decode kernel up to m = 16, CUTLASS beyond); "
-           "tinygemm: `aten._weight_int4pack_mm`, group 128.", "",
-           "| N x K | m | bf16 | `_int_mm` | W8A8 GEMM | W8A8 layer | W4A16 | tinygemm | `_int_mm` / W8A8 | "
-           "bf16 / W8A8 layer | bf16 / W4A16 | bf16 / tinygemm | W8A8 TOP/s | W8A8 GB/s | W4A16 GB/s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['n']} x {r['k']} | {r['m']} | {r['bf16_ms']:.4f} | {_num(r.get('int_mm_ms'))} | "
-                   f"{r['cutlass_w8a8_gemm_ms']:.4f} | {r['cutlass_w8a8_layer_ms']:.4f} | "
-                   f"{r['w4a16_ms']:.4f} | {_num(r.get('tinygemm_w4a16_ms'))} | "
-                   f"{_num(r.get('int_mm_over_w8a8_gemm'))} | {r['bf16_over_w8a8_layer']:.2f} | "
-                   f"{r['bf16_over_w4a16']:.2f} | {_num(r.get('bf16_over_tinygemm'))} | {r['w8a8_tops']:.0f} | "
-                   f"{r['w8a8_gbs']:.0f} | {r['w4a16_gbs']:.0f} |")
-    big = [r for r in rows if r["m"] == r["n"] == r["k"] == 8192]
-    prefill = [r["int_mm_over_w8a8_gemm"] for r in rows if r["m"] >= 128 and "int_mm_over_w8a8_gemm" in r]
-    decode = [r["bf16_over_w4a16"] for r in rows if r["m"] in (1, 16) and r["n"] != 8192]
-    out += ["", "Goals (H100): W8A8 >= 1.4x `_int_mm` at 8192^3: "
-            + (f"{big[0]['int_mm_over_w8a8_gemm']:.2f}x" if big else "not measured")
-            + f"; >= 1.0x at every m >= 128 shape: min {min(prefill):.2f}x; W4A16 >= 3.5x bf16 at m = 1 and 16: "
-            f"{min(decode):.2f}x to {max(decode):.2f}x. Peaks: 1979 dense INT8 TOP/s, 3.35 TB/s HBM.", ""]
-    configs = sorted(k for k in rows[0] if k.startswith(("w8a8_", "w4a16_config", "w4a16_decode")) and "_config" in k
-                     and k.endswith("_ms"))
-    if configs:
-        out += ["Every tile configuration (ms; `kernels/csrc/*_c<N>.cu`; the tables in `kernels/cutlass_w8a8.py` "
-                "and `kernels/cutlass_w4a16.py` pick among them by m; W4A16 4-6 run on reordered weights; W4A16 "
-                "decode: mpq's kernel, m <= 64 only):", "",
-                "| N x K | m | " + " | ".join(c[:-3].replace("_config", " ").replace("_", " ") for c in configs) + " |",
-                "|---|---|" + "---|" * len(configs)]
-        for r in rows:
-            cells = (f"{r[c]:.4f}" if c in r else "" for c in configs)
-            out.append(f"| {r['n']} x {r['k']} | {r['m']} | " + " | ".join(cells) + " |")
-        out.append("")
-    return out
+    if "ceilings" not in d:  # a result of the earlier per-sample-flush benchmark: nothing here renders it
+        return []
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_render import kernels_section
+
+    return kernels_section(d)
 
 
 def gpu_e2e_section(d: dict) -> list[str]:
@@ -265,6 +311,84 @@ def profile_scale_section(results: list[dict]) -> list[str]:
     return out
 
 
+def study_resolve_section(d: dict) -> list[str]:
+    r = d["resolve"]
+    out = ["## One study, many budgets (`bench/study_resolve.py`)", "", _env(d),
+           f"; load average before {d.get('loadavg_before')}, after {d.get('loadavg_after')}", "",
+           f"`mpq.study({r['model']})` with an empty profile cache ({r['profile']} profiling) took "
+           f"{r['study_seconds']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in r["study_stages_seconds"].items())
+           + f"); `study.solve` at {len(r['solves'])} budgets took {r['solve_seconds_total']:.2f} s in all, "
+           f"**{100 * r['ratio']:.2f} %** of the study (goal: under 5 %). Solving predicts from the study's tables; "
+           f"`evaluate=True` also applies each result on the real kernels, times and evaluates it "
+           f"({r['evaluated_seconds_total']:.1f} s for the four, {100 * r['evaluated_ratio']:.1f} %).", "",
+           "| budget | solve (s) | chosen | size (MB) | predicted latency (ms) | evaluated solve (s) | "
+           "metric real kernels |", "|---|---|---|---|---|---|---|"]
+    for s, e in zip(r["solves"], r["evaluated"]):
+        out.append(f"| `{s['budget']}` | {s['seconds']:.2f} | {s['chosen']} | {s['size_mb']:.4g} | "
+                   f"{s['latency_predicted_ms']:.4g} | {e['seconds']:.1f} | {e['metric_real']:.4g} |")
+    out += ["", "An impossible budget (`size_mb=1e-6`) on every bundled model, with an estimator that raises if "
+            "called: seconds from the call to the BudgetError (model loading excluded).", "",
+            "| model | seconds | estimator ran | profiler ran | error |", "|---|---|---|---|---|"]
+    for row in d["infeasible"]:
+        out.append(f"| {row['model']} | {row['seconds']:.2f} | {row['estimator_calls'] > 0} | "
+                   f"{row['profiler_calls'] > 0} | {row['error']} |")
+    return out + [""]
+
+def _pct(e: dict) -> str:
+    return f"{e['median_pct']:.1f}% / {e['p90_pct']:.1f}%"
+
+
+def latency_accuracy_section(results: list[dict]) -> list[str]:
+    out = ["## Latency accuracy: predicted vs measured whole-model latency (`bench/latency_accuracy.py`)", "",
+           "Each cell is the median / 90th-percentile absolute error over the configs (latency frontier of a damage "
+           "proxy, uniform and random configs, each applied and timed end to end). *retest*: the same configs timed "
+           "again (the noise floor); *additive before/after*: the layer table's sum plus the rest of the model, "
+           "timed as before issue 18 (each workload alone) and context-faithfully (weights as cold as in the "
+           "model); *selected*: the predictor that validated best in k-fold cross-validation (held-out errors; "
+           "all candidates in the last column). *floor*: the smallest latency reached by the predictor's fastest "
+           "and the uniform configs, measured, against the best config measured. *untrusted*: rows the noise "
+           "checks flagged (layer rows, configs). Goals: median <= 5%, p90 <= 15%, floor within 5%.", ""]
+    for d in results:
+        out += [_env(d), "", f"target `{d['target']}`, {d['threads']} threads; /proc/loadavg before "
+                f"{d.get('loadavg_before')}, after {d.get('loadavg_after')}; {d['wall_seconds'] / 60:.0f} min.", "",
+                "| phase (load at start) | model | configs | retest | additive before | additive after | selected | "
+                "floor vs best | untrusted | all held-out medians |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in d["results"]:
+            load = r.get("loadavg_at_start") or ["?"]
+            held = ", ".join(f"{n} {v['median_pct']:.1f}%" for n, v in r["heldout"].items())
+            untrusted = (f"{r['profiles']['after']['untrusted_rows']}/{r['profiles']['after']['rows']}, "
+                         f"{r['untrusted_configs']}/{r['configs']}")
+            out.append(f"| {r['phase']} ({load[0]}) | {r['model']} | {r['configs']} | {_pct(r['retest'])} | "
+                       f"{_pct(r['additive_before'])} | {_pct(r['additive_after'])} | {r['selected']}: "
+                       f"{_pct(r['selected_errors'])} | {r['floor']['floor_over_best_pct']:+.1f}% | {untrusted} | "
+                       f"{held} |")
+        out.append("")
+    return out
+
+def export_section(d: dict) -> list[str]:
+    """Exported checkpoints run by their serving stacks (bench/export_gguf.py)."""
+    ran = d["llama_cpp"] == "ran"
+    out = ["## Serving formats: exported checkpoints in llama.cpp and transformers (`bench/export_gguf.py`)", "",
+           _env(d), "", f"{d['model']}, trained {d['train']['steps']} steps (last loss {d['train']['last_loss']:.3f}); "
+           f"perplexity on {d['eval']['windows']} held-out windows of {d['eval']['seq']} tokens, the same token ids "
+           f"for every runner. llama.cpp: "
+           + (f"llama-cpp-python {d['versions']['llama_cpp_python']} (tokenizer round trip identical: "
+              f"{d['tokenizer_tokens_match_llama_cpp']})" if ran else d["llama_cpp"]) + ".", "",
+           "| config | mpq fake-quant ppl | llama.cpp ppl (GGUF) | GGUF dequantized in torch ppl | GGUF MB | "
+           "mpq predicted MB | transformers ppl (compressed-tensors) | compressed-tensors MB | GGUF types |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    def f(v, digits: int = 4) -> str:
+        return "" if v is None else f"{v:.{digits}f}"
+
+    for r in d["rows"]:
+        out.append(f"| {r['config']} | {f(r['mpq_fakequant_ppl'])} | {f(r.get('llama_cpp_ppl'))} | "
+                   f"{f(r['gguf_dequantized_in_torch_ppl'])} | {f(r['gguf_bytes'] / 1e6, 3)} | "
+                   f"{f(r['predicted_bytes'] / 1e6, 3)} | {f(r.get('ct_transformers_ppl'))} | "
+                   f"{f(r['ct_bytes'] / 1e6 if 'ct_bytes' in r else None, 3)} | "
+                   f"{r['gguf_types'].removeprefix('types by parameters: ')} |")
+    return out + [""]
+
+
 def _num(v) -> str:
     return "" if v is None or v != v else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -286,14 +410,23 @@ def main() -> None:
         parts += dashboard_section(load("dashboard_render.json"))
     if load("quantizers.json"):
         parts += quantizers_section(load("quantizers.json"))
+    if load("search_quality.json"):
+        parts += search_quality_section(load("search_quality.json"))
+    if load("search_quality_options.json"):
+        parts += options_section(load("search_quality_options.json"))
     if load("gpu_quant.json"):
         parts += gpu_quant_section(load("gpu_quant.json"))
     if load("gpu_kernels.json"):
         parts += gpu_kernels_section(load("gpu_kernels.json"))
     if load("gpu_e2e.json"):
         parts += gpu_e2e_section(load("gpu_e2e.json"))
+    if load("study_resolve.json"):
+        parts += study_resolve_section(load("study_resolve.json"))
+
+    if load("export_gguf.json"):
+        parts += export_section(load("export_gguf.json"))
     groups = {"sensitivity_*.json": sensitivity_section, "hutchinson_*.json": hutchinson_section,
-              "profile_scale_*.json": profile_scale_section}
+              "profile_scale_*.json": profile_scale_section, "latency_accuracy_*.json": latency_accuracy_section}
     for pattern, fn in groups.items():
         found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
         if found:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 BASELINE_STYLE = {"float": ("square", "#444444"), "uniform_int8": ("diamond", "#1f77b4"),
                   "uniform_int4": ("triangle-up", "#9467bd"), "chosen": ("star", "#d62728")}
@@ -45,7 +44,7 @@ def frontier_figure(views: list[dict], side_by_side: bool = False) -> dict:
         where = {"row": 1, "col": r + 1} if panels else {}
         for x in view["x_axes"]:
             for s, (source, pts) in enumerate(view["sources"].items()):
-                pts = [p for p in pts if p[x] is not None and p["y"] is not None]
+                pts = [p for p in pts if p.get(x) is not None and p["y"] is not None]
                 pts.sort(key=lambda p: p[x])
                 line = source == x
                 fig.add_trace(_scatter(len(pts))(
@@ -60,9 +59,9 @@ def frontier_figure(views: list[dict], side_by_side: bool = False) -> dict:
                     hovertemplate="size %{customdata[1]:.4g} MB<br>latency %{customdata[2]:.4g} ms (predicted)<br>"
                                   "%{customdata[3]:.4g} GBOPs<br>score %{customdata[4]:.3g}<br>y %{y:.4g}<br>"
                                   "%{customdata[5]}<br><i>click: per-layer bits</i><extra></extra>"), **where)
-                groups[x].append(len(fig.data) - 1)
+                groups.setdefault(x, []).append(len(fig.data) - 1)
             for b in view["baselines"]:
-                if b[x] is None or b["y"] is None:
+                if b.get(x) is None or b["y"] is None:
                     continue
                 symbol, color = BASELINE_STYLE.get(b["name"], ("circle", "#888888"))
                 measured = "" if b["latency_measured_ms"] is None else f"{b['latency_measured_ms']:.4g}"
@@ -77,7 +76,7 @@ def frontier_figure(views: list[dict], side_by_side: bool = False) -> dict:
                                   "%{customdata[2]:.4g} ms predicted, %{customdata[4]} ms measured<br>"
                                   "%{customdata[3]:.4g} GBOPs<br>" + view["metric"] + " real kernels "
                                   "%{customdata[6]}<br>%{customdata[5]}<extra></extra>"), **where)
-                groups[x].append(len(fig.data) - 1)
+                groups.setdefault(x, []).append(len(fig.data) - 1)
             if x == "latency_ms":
                 meas = [b for b in view["baselines"] if b["latency_measured_ms"] is not None and b["y"] is not None]
                 fig.add_trace(go.Scatter(
@@ -85,10 +84,10 @@ def frontier_figure(views: list[dict], side_by_side: bool = False) -> dict:
                     name="measured latency (applied)" + tag, visible=True,
                     marker=dict(size=10, symbol="x", color="#ff7f0e"), text=[b["label"] for b in meas],
                     hovertemplate="%{text}: measured %{x:.4g} ms<extra></extra>"), **where)
-                groups[x].append(len(fig.data) - 1)
+                groups.setdefault(x, []).append(len(fig.data) - 1)
     buttons = []
     for x, label in views[0]["x_axes"].items():
-        vis = [i in groups[x] for i in range(len(fig.data))]
+        vis = [i in groups.get(x, []) for i in range(len(fig.data))]
         axes = [f"xaxis{i + 1 if i else ''}.title.text" for i in range(len(views) if panels else 1)]
         buttons.append(dict(label=label.split(" (")[0].replace("per forward", "").strip(), method="update",
                             args=[{"visible": vis}, {a: label for a in axes}]))
@@ -181,13 +180,3 @@ def quality_figure(view: dict) -> dict:
     fig.update_layout(title="Estimator quality: summed score vs measured damage of random configs",
                       template="plotly_white", height=320 * rows + 80)
     return fig.to_plotly_json()
-
-
-def all_figures(views: dict[str, Any]) -> dict[str, dict]:
-    figs = {"frontier": frontier_figure(views["frontier"], views.get("side_by_side", False)),
-            "bits": bits_figure(views["bits"]),
-            "heatmap": heatmap_figure(views["heatmap"]), "sensitivity": sensitivity_figure(views["sensitivity"]),
-            "latency": latency_figure(views["latency"])}
-    if views.get("quality"):
-        figs["quality"] = quality_figure(views["quality"])
-    return figs

@@ -15,11 +15,9 @@ from typing import Iterable
 
 from mpq.artifacts import read_run
 from mpq.dashboards import views as V
-from mpq.dashboards.figures import all_figures
+from mpq.dashboards.figures import frontier_figure
 
-ORDER = ["frontier", "bits", "heatmap", "sensitivity", "latency", "quality"]
-HEADINGS = {"frontier": "Frontier", "bits": "Per-layer bits", "heatmap": "Bits along the frontier",
-            "sensitivity": "Sensitivity per layer", "latency": "Latency per layer", "quality": "Estimator quality"}
+FRONTIER_HEADING = "Frontier"  # the frontier overlays every run; the other views are registered plug-ins
 
 
 def dashboard_data(run_dirs: str | Path | Iterable[str | Path], side_by_side: bool = False) -> dict:
@@ -40,10 +38,18 @@ def dashboard_data(run_dirs: str | Path | Iterable[str | Path], side_by_side: bo
         for pid, idx in f["choices"]["points"].items():
             merged.add(pid, {l: opts[idx[pos[l]]] for l in layers if l in pos})
     choices = merged.as_dict()
-    return {"summaries": [V.summary_view(r) for r in runs], "frontier": frontiers, "bits": V.bits_view(first),
-            "heatmap": V.heatmap_view(first), "sensitivity": V.sensitivity_view(first),
-            "latency": V.latency_view(first), "quality": V.quality_view(first), "choices": choices,
-            "layers": layers, "side_by_side": side_by_side}
+    views = {v.name: v.extract(first) for v in V.registered_views()}
+    return {"summaries": [V.summary_view(r) for r in runs], "frontier": frontiers, **views, "choices": choices,
+            "layers": layers, "side_by_side": side_by_side, "views": [v.name for v in V.registered_views()]}
+
+
+def all_figures(views: dict) -> dict[str, dict]:
+    """The frontier's figure and every registered view's that has data for this run."""
+    figs = {"frontier": frontier_figure(views["frontier"], views.get("side_by_side", False))}
+    for view in V.registered_views():
+        if views.get(view.name):
+            figs[view.name] = view.figure(views[view.name])
+    return figs
 
 
 def _header(summaries: list[dict]) -> str:
@@ -111,9 +117,10 @@ def build_dashboard_html(data: dict) -> str:
     from plotly.offline import get_plotlyjs
 
     figs = all_figures(data)
-    names = [n for n in ORDER if n in figs]
+    headings = {"frontier": FRONTIER_HEADING, **{v.name: v.heading for v in V.registered_views()}}
+    names = [n for n in headings if n in figs]
     blocks = "\n".join(f"<script type='application/json' id='fig-{n}'>{_json(figs[n])}</script>" for n in names)
-    sections = "\n".join(f"<section><h3>{HEADINGS[n]}</h3><div id='plot-{n}'></div></section>" for n in names)
+    sections = "\n".join(f"<section><h3>{headings[n]}</h3><div id='plot-{n}'></div></section>" for n in names)
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>mpq: "
             f"{html.escape(data['summaries'][0]['title'])}</title><style>{STYLE}</style>"
             f"<script>{get_plotlyjs()}</script></head><body>\n{_header(data['summaries'])}\n{sections}\n{blocks}\n"

@@ -1,23 +1,52 @@
 """Plain data for every view of the dashboard, extracted from a run directory (no Plotly here: testable alone).
 
-Every function takes the dict :func:`mpq.artifacts.read_run` returns and gives lists and numbers.
+Every function takes the dict :func:`mpq.artifacts.read_run` returns (its ``choice`` cells are already
+:class:`~mpq.config.Choice` objects, its ``histogram`` cells dicts) and gives lists and numbers. Views other than
+the frontier (which overlays runs) are plug-ins: :func:`register_view` pairs a data function with its figure,
+under a heading and an order, in the ``mpq.views`` registry.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from mpq.config import LayerBits
+from mpq.plugins import VIEWS
 
 MAX_POINTS = 200  # frontier points per source and heatmap columns, beyond which views are decimated
 LABELS = {"float": "float", "chosen": "chosen (mixed)", "uniform_int8": "uniform INT8", "uniform_int4": "uniform INT4"}
 X_AXES = {"latency_ms": "latency per forward (ms)", "size_mb": "size (MB)", "bops": "GBOPs"}
+
+
+@dataclass(frozen=True)
+class View:
+    """A dashboard view: ``extract(run) -> data`` (None: nothing to show for this run) and ``figure(data) ->
+    plotly JSON``, shown under ``heading`` in ``order``."""
+
+    name: str
+    heading: str
+    extract: Callable[[dict], dict | None]
+    figure: Callable[[dict], dict]
+    order: int = 100
+
+
+def register_view(name: str, heading: str, figure: Callable[[dict], dict], order: int = 100):
+    """Decorator for a view's data function: ``@register_view("mine", "My view", my_figure)``."""
+    def decorate(extract: Callable[[dict], dict | None]) -> Callable[[dict], dict | None]:
+        VIEWS.add(name, View(name, heading, extract, figure, order))
+        return extract
+
+    return decorate
+
+
+def registered_views() -> list[View]:
+    return sorted((v for _, v in VIEWS.items()), key=lambda v: (v.order, v.name))
 
 
 def _finite(v: Any) -> float | None:
@@ -101,23 +130,25 @@ def frontier_view(run: dict, prefix: str = "") -> dict:
     has_metric = "metric" in frontier.columns and frontier["metric"].notna().any()
     y_key = "metric" if has_metric else "score"
     layers = list(run["layers_table"]["layer"])
+    phase_axes = [c for c in frontier.columns if "_ms@" in c and frontier[c].notna().any()]
     sources, choices = {}, _Choices(layers)
     for source, part in frontier.groupby("swept", sort=False):
-        part = part.sort_values("size_mb" if source == "size_mb" else "latency_ms").reset_index(drop=True)
+        part = part.sort_values(source if source in part.columns else "latency_ms").reset_index(drop=True)
         pts = []
         for i in _decimate(len(part)):
             r = part.iloc[int(i)]
-            choice = json.loads(r["choice"])
+            choice = r["choice"]
             pid = f"{prefix}{source}:{int(r['point']) if 'point' in r else int(i)}"
             choices.add(pid, choice)
             pts.append({"id": pid, "size_mb": _finite(r["size_mb"]), "latency_ms": _finite(r["latency_ms"]),
                         "bops": _finite(r["bops"]) / 1e9 if _finite(r["bops"]) is not None else None,
+                        **{c: _finite(r[c]) for c in phase_axes if c in r},
                         "y": _finite(r[y_key]), "score": _finite(r["score"]), "exact": bool(r.get("exact", True)),
                         "chosen": bool(r.get("chosen", False)), "histogram": _histogram(choice)})
         sources[str(source)] = pts
     baselines = []
     for r in run["summary_table"].to_dict("records"):
-        choice = json.loads(r["choice"])
+        choice = r["choice"]
         pid = f"{prefix}baseline:{r['name']}"
         choices.add(pid, choice)
         baselines.append({"id": pid, "name": r["name"], "label": LABELS.get(r["name"], r["name"]),
@@ -125,12 +156,19 @@ def frontier_view(run: dict, prefix: str = "") -> dict:
                           "latency_measured_ms": _finite(r["latency_measured_ms"]),
                           "bops": (_finite(r["bops"]) or 0) / 1e9,
                           "y": _finite(r["metric_fakequant"] if has_metric else r["score"]),
-                          "metric_real": _finite(r["metric_real"]), "histogram": json.loads(r["histogram"])})
+                          **{c: _finite(r.get(f"{c}_predicted")) for c in phase_axes},
+                          "metric_real": _finite(r["metric_real"]), "histogram": r["histogram"]})
     return {"sources": sources, "baselines": baselines, "choices": choices.as_dict(), "layers": layers,
             "y_label": f"{run.get('metric', 'metric')} (fake-quant)" if has_metric else "score (normalised)",
-            "metric": run.get("metric", "metric"), "x_axes": X_AXES, "run": run_label(run)}
+            "metric": run.get("metric", "metric"), "run": run_label(run),
+            "x_axes": {**X_AXES, **{c: f"latency at {c.partition('@')[0][:-3]} {c.partition('@')[2]} (ms)"
+                                    for c in phase_axes}}}
 
 
+from mpq.dashboards import figures as _fig  # noqa: E402  (the figures pair with the views registered below)
+
+
+@register_view("bits", "Per-layer bits", _fig.bits_figure, order=10)
 def bits_view(run: dict) -> dict:
     """The chosen config's per-layer bits (the click target's initial state)."""
     layers = run["layers_table"]
@@ -138,6 +176,7 @@ def bits_view(run: dict) -> dict:
             "bits": [_bits(o) for o in layers["option"]]}
 
 
+@register_view("heatmap", "Bits along the frontier", _fig.heatmap_figure, order=20)
 def heatmap_view(run: dict) -> dict:
     """Bits of every layer along the size frontier (columns cheapest to largest), decimated to ``MAX_POINTS``."""
     frontier = run["frontier_table"]
@@ -145,12 +184,13 @@ def heatmap_view(run: dict) -> dict:
     part = part.drop_duplicates("choice").sort_values("size_mb").reset_index(drop=True)
     cols = [part.iloc[int(i)] for i in _decimate(len(part))]
     layers = list(run["layers_table"]["layer"])
-    choices = [json.loads(c["choice"]) for c in cols]
+    choices = [c["choice"] for c in cols]
     return {"layers": layers, "columns": [f"{c['size_mb']:.4g} MB" for c in cols],
             "z": [[_bits(ch.get(l, "float")) for ch in choices] for l in layers],
             "text": [[ch.get(l, "float") for ch in choices] for l in layers]}
 
 
+@register_view("sensitivity", "Sensitivity per layer", _fig.sensitivity_figure, order=30)
 def sensitivity_view(run: dict) -> dict:
     """Per layer, each estimator's normalised score of its most aggressive option (the run's own estimator, the
     tables it exposes, and every estimator a sensitivity report in the run directory judged)."""
@@ -170,6 +210,7 @@ def sensitivity_view(run: dict) -> dict:
     return {"layers": layers, "series": series}
 
 
+@register_view("latency", "Latency per layer", _fig.latency_figure, order=40)
 def latency_view(run: dict) -> dict:
     """The chosen config's per-layer latency: the profile table's (predicted) and timed in place (measured)."""
     t = run["layers_table"]
@@ -179,6 +220,7 @@ def latency_view(run: dict) -> dict:
             "float": [_finite(v) for v in t["float_latency_ms"]]}
 
 
+@register_view("quality", "Estimator quality", _fig.quality_figure, order=50)
 def quality_view(run: dict) -> dict | None:
     """Estimator quality from a sensitivity report in the run directory: summed score vs measured damage."""
     configs, table = run.get("estimator_configs_table"), run.get("estimators_table")

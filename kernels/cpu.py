@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from mpq.config import LayerBits
-from mpq.kernels.gemm import QuantGemm, WeightStandIn, gemm_supported, pad_to, resolve_padding, round_up
+from mpq.kernels.gemm import (QuantGemm, WeightStandIn, gemm_supported, gemm_unsupported_reason, pad_to,
+                              resolve_padding, round_up)
 from mpq.layers import LayerInfo
 from mpq.numerics import ActQuantSpec, QuantizedWeight, QuantScheme, WeightQuantSpec, act_qparams, quantize_activation
 from mpq.kernel_registry import Kernel, register_kernel
@@ -223,6 +224,11 @@ class CpuInt8WeightOnly(Kernel):
     def options(self, layer: LayerInfo) -> list[LayerBits]:
         return [LayerBits(8, 16)] if gemm_supported(layer) else []
 
+    def rejected(self, layer: LayerInfo) -> dict[LayerBits, str]:
+        if gemm_supported(layer) or layer.kind == "embedding":
+            return {}
+        return {LayerBits(8, 16): gemm_unsupported_reason(layer)}
+
     def scheme(self, bits: LayerBits) -> QuantScheme:
         return QuantScheme(WeightQuantSpec(8, symmetric=True, group_size=None, scale_dtype="bfloat16"),
                            ActQuantSpec(16, "bfloat16"), out_dtype="bfloat16")
@@ -250,6 +256,13 @@ class CpuInt4WeightOnly(Kernel):
             return []
         # Groups wider than K only add padding; the smallest group is always offered.
         return [LayerBits(4, 16, g) for g in self.GROUPS if g <= layer.k or g == self.GROUPS[0]]
+
+    def rejected(self, layer: LayerInfo) -> dict[LayerBits, str]:
+        if layer.kind == "embedding":
+            return {}
+        if not gemm_supported(layer):
+            return {LayerBits(4, 16, g): gemm_unsupported_reason(layer) for g in self.GROUPS}
+        return {LayerBits(4, 16, g): f"group {g} wider than K={layer.k}" for g in self.GROUPS[1:] if g > layer.k}
 
     def scheme(self, bits: LayerBits) -> QuantScheme:
         return QuantScheme(WeightQuantSpec(4, symmetric=False, group_size=bits.group_size, scale_dtype="bfloat16"),

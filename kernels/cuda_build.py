@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,20 @@ def _arch() -> str:
     return f"{major}{minor}a" if (major, minor) == (9, 0) else f"{major}{minor}"
 
 
+def included_headers(sources: list[Path]) -> list[Path]:
+    """The ``kernels/csrc`` headers that ``sources`` include (``#include "..."``), directly or through each other:
+    what a build depends on besides its sources (a change in another extension's header rebuilds nothing here)."""
+    seen: dict[Path, None] = {}
+    todo = list(sources)
+    while todo:
+        for name in re.findall(r'^\s*#include\s+"([^"]+)"', todo.pop().read_text(), flags=re.M):
+            header = CSRC / name
+            if header.exists() and header not in seen:
+                seen[header] = None
+                todo.append(header)
+    return sorted(seen)
+
+
 def build_key(sources: list[Path], arch: str) -> str:
     h = hashlib.sha256()
     for src in sources:
@@ -89,10 +104,11 @@ _FAILED: dict[str, str] = {}  # extension name -> why its build failed in this p
 
 
 @functools.lru_cache(maxsize=None)
-def load_extension(name: str, stem: str) -> str:
+def load_extension(name: str, stem: str, cutlass: bool = True) -> str:
     """Build (once per key) and load the extension made of ``kernels/csrc/<stem>*.cu`` (one translation unit per
-    kernel configuration, compiled in parallel; the ``*.cuh`` files are their headers), which registers its ops
-    with ``TORCH_LIBRARY``; returns the build directory."""
+    kernel configuration, compiled in parallel; the ``*.cuh`` headers they include count towards the key), which
+    registers its ops with ``TORCH_LIBRARY``; returns the build directory. ``cutlass=False``: the sources use no
+    CUTLASS, so the build needs only nvcc (not the nvidia-cutlass wheel)."""
     from torch.utils.cpp_extension import load
 
     from mpq.paths import default_cache_dir
@@ -101,13 +117,13 @@ def load_extension(name: str, stem: str) -> str:
         raise KernelUnavailableError(_FAILED[name])
     arch = _arch()
     sources = sorted(CSRC.glob(f"{stem}*.cu"))
-    key = build_key([*sources, *sorted(CSRC.glob("*.cuh"))], arch)  # every header: some are shared
+    key = build_key([*sources, *included_headers(sources)], arch)
     build_dir = default_cache_dir() / "kernels" / f"{name}-{key}"
     built = build_dir / f"{name}_{key}.so"
     if built.exists():  # the key covers sources, arch, torch, CUDA, CUTLASS and flags: nothing stale can match
         torch.ops.load_library(str(built))
         return str(build_dir)
-    include = cutlass_include_dirs()
+    include = cutlass_include_dirs() if cutlass else []
     nvcc_path()
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("loading %s (%s, sm_%s) from %s; a first build takes a few minutes", name, key, arch, build_dir)
@@ -132,3 +148,12 @@ def load_extension(name: str, stem: str) -> str:
             else:
                 os.environ[var] = value
     return str(build_dir)
+
+
+@functools.lru_cache(maxsize=1)
+def pdl_enabled() -> bool:
+    """Whether mpq's decode kernels launch with programmatic dependent launch: on sm_90 and newer, unless
+    ``MPQ_PDL=0``. Such a kernel streams its weights (which no earlier kernel writes) while the previous kernel in
+    the stream finishes, and waits for it only before reading its activations."""
+    return (os.environ.get("MPQ_PDL", "1") != "0" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (9, 0))

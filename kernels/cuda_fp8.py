@@ -5,7 +5,8 @@ activations are quantized per token (row) on every call with the same rule (:fun
 ``_scaled_mm`` applies both scales in its epilogue (row-wise scaling), writing bf16; the bias is added after, in
 float, as fake-quant does. ``_scaled_mm`` wants K and N multiples of 16 (layers that are not get no FP8 option) and
 the weight column-major, which the transpose of a row-major ``[N, K]`` weight is. M is padded to 16 rows. The
-activation quantization is one fused Triton kernel (:mod:`mpq.kernels.triton_fp8`) where Triton is installed.
+activation quantization is one fused Triton kernel (:mod:`mpq.kernels.triton_fp8`) where Triton is installed. Up to
+16 bf16 tokens the module runs :mod:`mpq.kernels.cuda_decode8` instead (one launch, the same weights).
 
 The kernel registers on every machine but is :meth:`~mpq.kernel_registry.Kernel.available` only where CUDA reports compute
 capability 8.9 or higher, so a CPU machine never offers FP8 and imports this file without touching CUDA.
@@ -45,7 +46,12 @@ class FP8Gemm(QuantGemm):
     fused_quantization = True  # the Triton kernel when available; False: eager PyTorch (for comparison)
 
     def gemm(self, x: Tensor) -> Tensor:
+        from mpq.kernels.cuda_decode8 import DECODE_M, decode_available, w8_decode
+
         m = x.shape[0]
+        if m <= DECODE_M and x.is_cuda and x.dtype == torch.bfloat16 and decode_available():
+            # one launch: the per-token E4M3 quantisation fused into a stream over the same weights
+            return w8_decode(x.contiguous(), self.qweight, self.scale, self.bias, "e4m3")
         rows = round_up(max(m, 1), ALIGN)
         if self.fused_quantization and x.is_cuda and triton_available():
             q, s = fp8_quantize_rows(x, rows)
@@ -59,7 +65,7 @@ class FP8Gemm(QuantGemm):
 class CudaFP8ScaledMM(Kernel):
     name = "cuda-fp8-scaled-mm"
     device = "cuda"
-    version = "1"
+    version = "2"  # 2: mpq's fused decode kernel up to 16 bf16 tokens
 
     def available(self) -> bool:
         return fp8_supported()

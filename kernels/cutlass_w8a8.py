@@ -3,7 +3,8 @@
 Weights are INT8 symmetric per output channel (float32 scales), packed once at conversion as a contiguous
 ``[N, K]`` int8 matrix; activations are quantized per token on every call by a CUDA kernel with fake-quant's rule
 (``scale = amax * (1 / 127)``, as torch divides by a number), and the CUTLASS epilogue applies both scales and the
-bias and writes bf16, so a timing of this module includes the activation quantization. CUTLASS needs K a multiple of
+bias and writes bf16, so a timing of this module includes the activation quantization. Up to 16 tokens the module
+runs :mod:`mpq.kernels.cuda_decode8` instead: the same weights streamed once, the quantization fused (one launch). CUTLASS needs K a multiple of
 16 and N of 8: other layers get no option from this kernel.
 
 Registered on every machine, :meth:`~mpq.kernel_registry.Kernel.available` only on compute capability 9.0 with nvcc and the
@@ -76,10 +77,18 @@ class CutlassW8A8Gemm(QuantGemm):
         self.arch = arch
         self.register_buffer("qweight", qweight.q[:, : self.k].to(torch.int8).contiguous())
         self.register_buffer("scale", qweight.scale.reshape(-1).float().contiguous())
-        self.register_buffer("bias_bf16", None if bias is None else bias.detach().to(torch.bfloat16).contiguous())
+        # CUTLASS's epilogue takes the bias in bf16: a copy of the float32 bias, not saved (the state dict, and so the
+        # cost table, counts the float32 one)
+        self.register_buffer("bias_bf16", None if bias is None else bias.detach().to(torch.bfloat16).contiguous(),
+                             persistent=False)
 
     def gemm(self, x: Tensor) -> Tensor:
-        q, s = quantize_int8_rows(x.contiguous(), self.arch)
+        from mpq.kernels.cuda_decode8 import DECODE_M, decode_available, w8_decode
+
+        x = x.contiguous()
+        if x.shape[0] <= DECODE_M and decode_available():  # one launch: quantisation fused into a weight stream
+            return w8_decode(x, self.qweight, self.scale, self.bias, "int8")
+        q, s = quantize_int8_rows(x, self.arch)
         return w8a8_gemm(q, s, self.qweight, self.scale, self.bias_bf16, arch=self.arch)
 
 
@@ -111,7 +120,7 @@ def _tools_ready() -> bool:
 class CudaCutlassW8A8(Kernel):
     name = "cuda-cutlass-w8a8-sm90"
     device = "cuda"
-    version = "1"
+    version = "2"  # 2: mpq's fused decode kernel up to 16 tokens
     arch = "sm90"
 
     def available(self) -> bool:

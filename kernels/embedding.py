@@ -92,6 +92,12 @@ class CpuRowwiseEmbedding(Kernel):
             return []
         return [LayerBits(b) for b in (8, 4, 2) if layer.k % (8 // b) == 0]
 
+    def rejected(self, layer: LayerInfo) -> dict[LayerBits, str]:
+        if layer.kind != "embedding":
+            return {}
+        return {LayerBits(b): f"row length {layer.k} not a multiple of {8 // b} (whole bytes per row)"
+                for b in (4, 2) if layer.k % (8 // b)}
+
     def scheme(self, bits: LayerBits) -> QuantScheme:
         return QuantScheme(embedding_spec(bits.w_bits), ActQuantSpec())
 

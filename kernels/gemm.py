@@ -43,6 +43,12 @@ def gemm_supported(layer: LayerInfo) -> bool:
     return layer.groups == 1 and resolve_padding(layer) is not None
 
 
+def gemm_unsupported_reason(layer: LayerInfo) -> str:
+    """Why a layer has no GEMM kernel (for the search space's notes and unreachable-budget messages)."""
+    return f"{layer.kind} with groups={layer.groups} and padding {(layer.conv or {}).get('padding')!r} is not one " \
+           f"dense GEMM"
+
+
 class WeightStandIn:
     """``module.weight`` of a quantized module: an empty float32 tensor on the module's device. Model code often
     reads ``layer.weight.dtype`` or ``.device`` to cast its inputs (Hugging Face ViT does); the real weight is packed

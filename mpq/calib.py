@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpq.errors import CalibrationError
-from mpq.layers import call_model, describe_input, first_tensor, run_checked
+from mpq.layers import call_model, describe_input, first_tensor
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -84,6 +84,9 @@ class CalibrationSet:
         if not batches:
             raise CalibrationError("calibration data is empty: give at least one batch")
         first = first_tensor(batches[0][0])
+        if first.dim() == 0:
+            raise CalibrationError(f"calibration batch 0 is a 0-d tensor ({first.dtype}): inputs need a batch "
+                                   f"dimension first")
         for i, (x, _) in enumerate(batches[1:], start=1):
             t = first_tensor(x)
             if t.shape[1:] != first.shape[1:] or t.dtype != first.dtype:
@@ -93,9 +96,16 @@ class CalibrationSet:
         return cls(batches)
 
     def check(self, model: nn.Module) -> Any:
-        """Run batch 0 through ``model``; a mismatch raises a :class:`CalibrationError` that names both shapes."""
+        """Check every batch (non-empty, finite inputs), run batch 0 through ``model`` and check the targets
+        against its output; a mismatch raises a :class:`CalibrationError` that names the layer it failed in, the
+        shapes, and what is allowed. Returns the output of batch 0."""
+        from mpq.checks import check_batches, run_model_checked
+
+        check_batches(self.batches)
         with torch.no_grad():
-            return run_checked(model, self.example, "calibration batch 0")
+            out = run_model_checked(model, self.example, "calibration batch 0")
+        check_batches(self.batches, model_output(out))
+        return out
 
     def with_pseudo_labels(self, model: nn.Module) -> CalibrationSet:
         """Fill missing targets with the float model's argmax predictions."""

@@ -1,8 +1,11 @@
 """Per-layer bit-widths: :class:`LayerBits` for one layer, :class:`BitConfig` for a model.
 
 Both are frozen and JSON-versioned. A config names layers by their module path (``model.get_submodule(name)``);
-layers it does not name stay in float. Whether a config can run on a device is checked by :meth:`BitConfig.validate`,
-which asks the kernel registry of that device.
+layers it does not name stay in float. Whether a config can run on a device is checked by
+:func:`mpq.validate_config` (the kernel registry of that device decides; this module imports none of it).
+:class:`Choice` is what a solver picks (layer -> option name, names not yet parsed, so solvers work on plain
+tables); its :attr:`~Choice.key` is the one text form of an allocation that run directories store, and
+:meth:`~Choice.to_config` makes it a :class:`BitConfig`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any, Iterable, Mapping
 from mpq.errors import ConfigError
 
 FORMAT = "mpq.bitconfig"
-VERSION = 3  # 3 added explicit weight symmetry ("symmetric"), 2 the FP8 format; older files read unchanged
-READS = (1, 2, 3)
+VERSION = 4  # 4: the quantizer is a top-level field; 3 added weight symmetry, 2 FP8; older files read unchanged
+READS = (1, 2, 3, 4)
 FORMATS = ("int", "e4m3")
 WEIGHT_BITS = range(2, 9)  # 2..8
 ACT_BITS = (8, 16)  # integer 8 / 16-bit (or a 16-bit float format where the kernel says so); None keeps float
@@ -46,6 +49,10 @@ class LayerBits:
     symmetric: bool | None = None
 
     def __post_init__(self) -> None:
+        for what, v in (("weight bits", self.w_bits), ("activation bits", self.a_bits), ("group size",
+                                                                                       self.group_size)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(f"{what} must be a whole number or None, got {v!r}")
         if self.w_bits is not None and self.w_bits not in WEIGHT_BITS:
             raise ConfigError(f"weight bits {self.w_bits!r} not allowed: use 2..8, or None for float")
         if self.a_bits is not None and self.a_bits not in ACT_BITS:
@@ -115,6 +122,8 @@ class LayerBits:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerBits:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"layer bits must be an object like {{'w_bits': 8, 'a_bits': 8}}, got {d!r}")
         unknown = set(d) - {"w_bits", "a_bits", "group_size", "format", "symmetric"}
         if unknown:
             raise ConfigError(f"unknown layer-bits keys {sorted(unknown)}: allowed are w_bits, a_bits, group_size, "
@@ -128,6 +137,94 @@ class LayerBits:
 FLOAT = LayerBits()
 
 
+def choice_key(choice: Mapping[str, Any]) -> str:
+    """The one text form of an allocation: JSON of ``{layer: option name}`` sorted by layer (what run
+    directories store in their ``choice`` columns)."""
+    return json.dumps({str(k): str(v) for k, v in sorted(choice.items())})
+
+
+class Choice(Mapping[str, str]):
+    """One option name per layer, as a solver picks it: frozen, hashable, equal to a dict with the same items.
+
+    Option names stay strings (solvers and their tests work on plain tables whose options need not be bit names);
+    :meth:`to_config` parses them into a :class:`BitConfig`.
+    """
+
+    __slots__ = ("_items", "_key")
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()):
+        pairs = dict(items)
+        for layer, option in pairs.items():
+            if not isinstance(layer, str) or not layer:
+                raise ConfigError(f"layer names must be non-empty strings, got {layer!r}")
+            if option is None:
+                raise ConfigError(f"layer {layer!r}: option is null; give an option name such as 'float' or 'w8a8'")
+        self._items = MappingProxyType({k: str(v) for k, v in sorted(pairs.items())})
+        self._key = choice_key(self._items)
+
+    @classmethod
+    def from_key(cls, key: str) -> Choice:
+        """Inverse of :attr:`key`."""
+        try:
+            data = json.loads(key)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"not an allocation key (JSON of layer -> option): {str(key)[:80]!r}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"an allocation key is a JSON object of layer -> option, got {type(data).__name__}")
+        return cls(data)
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def __getitem__(self, layer: str) -> str:
+        return self._items[layer]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"Choice({dict(self._items)})"
+
+    def to_config(self, quantizer: QuantizerSpec | Mapping[str, Any] | str | None = None, **meta: Any) -> BitConfig:
+        return BitConfig({k: LayerBits.parse(v) for k, v in self._items.items()}, meta=meta, quantizer=quantizer)
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """Which quantizer chose a config's integers and with what options (``apply`` repeats it)."""
+
+    name: str = "minmax"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"quantizer name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @classmethod
+    def of(cls, spec: QuantizerSpec | Mapping[str, Any] | str | None) -> QuantizerSpec | None:
+        """From a spec, recorded settings ``{"name": ..., **options}``, a name, or None."""
+        if spec is None or isinstance(spec, QuantizerSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(spec)
+        if isinstance(spec, Mapping):
+            options = dict(spec)
+            return cls(options.pop("name", "minmax"), options)
+        raise ConfigError(f"quantizer must be a name or {{'name': ..., options}}, got {spec!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings form ``{"name": ..., **options}`` (what :meth:`mpq.quantizers.Quantizer.settings` gives)."""
+        return {"name": self.name, **dict(self.options)}
+
+
 @dataclass(frozen=True, eq=False)
 class BitConfig:
     """Per-layer bits of a model. Layers not named stay in float.
@@ -139,21 +236,34 @@ class BitConfig:
 
     layers: Mapping[str, LayerBits] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    quantizer: QuantizerSpec | None = None  # None: apply's default (min-max)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise ConfigError(f"bit config layers must be a mapping of layer name -> bits, got "
+                              f"{type(self.layers).__name__}")
         layers = {}
         for name, bits in dict(self.layers).items():
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"layer names must be non-empty strings, got {name!r}")
-            if isinstance(bits, str):
-                bits = LayerBits.parse(bits)
-            elif isinstance(bits, Mapping):
-                bits = LayerBits.from_dict(bits)
-            elif not isinstance(bits, LayerBits):
-                raise ConfigError(f"layer {name!r}: bits must be LayerBits, a name like 'w8a8' or a dict, got {bits!r}")
-            layers[name] = bits
+            layers[name] = _layer_bits(name, bits)
+        meta = dict(self.meta)
+        # configs from before version 4 kept the quantizer in the metadata
+        quantizer = QuantizerSpec.of(self.quantizer if self.quantizer is not None else meta.pop("quantizer", None))
+        meta.pop("quantizer", None)
         object.__setattr__(self, "layers", MappingProxyType(dict(sorted(layers.items()))))
-        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+        object.__setattr__(self, "meta", _MetaView(meta, quantizer))
+        object.__setattr__(self, "quantizer", quantizer)
+
+    @property
+    def choice(self) -> Choice:
+        """Layer -> option name of every layer the config names."""
+        return Choice({k: v.name for k, v in self.layers.items()})
+
+    @property
+    def key(self) -> str:
+        """The text form run directories store (see :func:`choice_key`)."""
+        return self.choice.key
 
     # --- mapping-like access -------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> LayerBits:
@@ -183,7 +293,7 @@ class BitConfig:
         return cls({n: bits for n in names}, meta=meta)
 
     def with_layer(self, name: str, bits: LayerBits | str) -> BitConfig:
-        return BitConfig({**self.layers, name: bits}, meta=self.meta)
+        return BitConfig({**self.layers, name: bits}, meta=self.meta.own(), quantizer=self.quantizer)
 
     def histogram(self) -> dict[str, int]:
         """How many named layers take each option."""
@@ -194,18 +304,23 @@ class BitConfig:
 
     # --- JSON ----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
             "version": VERSION,
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
-            "meta": dict(self.meta),
+            "meta": self.meta.own(),
         }
+        if self.quantizer is not None:
+            out["quantizer"] = self.quantizer.to_dict()
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BitConfig:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a bit config is a JSON object with format {FORMAT!r}, got a {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ConfigError(f"not an mpq bit config: format is {d.get('format')!r}, expected {FORMAT!r}")
         if d.get("version") not in READS:
@@ -214,7 +329,10 @@ class BitConfig:
         layers = d.get("layers")
         if not isinstance(layers, Mapping):
             raise ConfigError("bit config has no 'layers' mapping")
-        return cls({k: LayerBits.from_dict(v) for k, v in layers.items()}, meta=d.get("meta", {}))
+        meta = d.get("meta") or {}
+        if not isinstance(meta, Mapping):
+            raise ConfigError(f"bit config 'meta' must be an object, got {type(meta).__name__}")
+        return cls(dict(layers), meta=meta, quantizer=d.get("quantizer"))
 
     @classmethod
     def from_json(cls, text: str) -> BitConfig:
@@ -232,14 +350,64 @@ class BitConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> BitConfig:
-        return cls.from_json(Path(path).read_text())
-
-    # --- validation against a model --------------------------------------------------------------------------------
-    def validate(self, model, device: str = "cpu", example_input=None) -> None:
-        """Raise :class:`ConfigError` if a named layer is missing or its bits have no kernel on ``device``."""
-        from mpq.space import validate_config  # lazy: needs torch and the kernel registry
-
-        validate_config(self, model, device=device, example_input=example_input)
+        """Read ``config.json``; a missing, unreadable or non-UTF-8 file is a :class:`ConfigError` naming it."""
+        path = Path(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"no bit config at {path}: give the config.json of a run") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory: give the config.json inside it") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"bit config {path} is not UTF-8 text (byte {e.start}): not a config.json") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read bit config {path}: {e.strerror}") from None
+        try:
+            return cls.from_json(text)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         return f"BitConfig({len(self.quantized())} quantized of {len(self.layers)} named; {self.histogram()})"
+
+
+def _layer_bits(name: str, bits: Any) -> LayerBits:
+    if isinstance(bits, LayerBits):
+        return bits
+    if isinstance(bits, str):
+        return LayerBits.parse(bits)
+    if isinstance(bits, Mapping):
+        return LayerBits.from_dict(bits)
+    if bits is None:
+        raise ConfigError(f"layer {name!r}: bits are null; give 'float', a name like 'w8a8', or "
+                          f"{{'w_bits': 8, 'a_bits': 8, 'group_size': null}}")
+    raise ConfigError(f"layer {name!r}: bits must be LayerBits, a name like 'w8a8' or a dict, got {bits!r}")
+
+
+class _MetaView(Mapping[str, Any]):
+    """A config's metadata, read-only. ``meta["quantizer"]`` still reads the quantizer's settings, for code written
+    before the quantizer became the typed field :attr:`BitConfig.quantizer`; :meth:`own` is the metadata proper."""
+
+    __slots__ = ("_own", "_quantizer")
+
+    def __init__(self, own: Mapping[str, Any], quantizer: QuantizerSpec | None):
+        self._own = MappingProxyType(dict(own))
+        self._quantizer = quantizer
+
+    def own(self) -> dict[str, Any]:
+        return dict(self._own)
+
+    def _full(self) -> dict[str, Any]:
+        return {**self._own, **({"quantizer": self._quantizer.to_dict()} if self._quantizer else {})}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._full()[key]
+
+    def __iter__(self):
+        return iter(self._full())
+
+    def __len__(self) -> int:
+        return len(self._full())
+
+    def __repr__(self) -> str:
+        return repr(self._full())

@@ -94,3 +94,93 @@ def float_reference(inventory: LayerInventory, float_latency_ms: float) -> Refer
     size = sum(layer.float_bytes() for layer in inventory) + inventory.float_bytes_other()
     bops = sum(layer_bops(layer, FLOAT) for layer in inventory)
     return Reference(size / MB, bops, float_latency_ms)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bits per weight, and why a size cannot be reached
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BitsPerWeight:
+    """Average bits per weight over the quantizable layers: ``with_overhead`` counts every stored byte of the weights
+    (levels, scales, zeros, padding; not the bias), ``without_overhead`` only the levels' nominal width. Float
+    layers count their dtype's width in both."""
+
+    with_overhead: float
+    without_overhead: float
+    weights: int  # weight elements over which the averages are taken
+
+
+def bits_per_weight(inventory: LayerInventory, config, device) -> BitsPerWeight:
+    """Average bits per weight of ``config`` (a :class:`~mpq.config.BitConfig` or a ``{layer: option}`` mapping) over
+    the quantizable layers of ``inventory``, as the kernels of ``device`` store them (or generic numerics: ``device``
+    None or a :class:`~mpq.numerics.GenericNumerics`)."""
+    choice = config.layers if hasattr(config, "layers") else config
+    total = nominal = weights = 0.0
+    for layer in inventory:
+        bits = choice.get(layer.name, FLOAT)
+        bits = LayerBits.parse(bits) if isinstance(bits, str) else bits
+        w = layer.n * layer.k
+        weights += w
+        if bits == FLOAT or bits.w_bits is None:
+            total += w * 8 * layer.weight_bytes_per_elem
+            nominal += w * 8 * layer.weight_bytes_per_elem
+            continue
+        bias = layer.n * 4 if layer.has_bias and layer.kind != "embedding" else 0
+        total += 8 * (layer_size_bytes(layer, bits, device) - bias)
+        nominal += w * bits.w_bits
+    weights = max(weights, 1)
+    return BitsPerWeight(total / weights, nominal / weights, int(weights))
+
+
+def size_for_bits(inventory: LayerInventory, bits: float) -> float:
+    """The model size in MB whose quantizable layers average ``bits`` per weight (overhead included): kept-float
+    parameters and float32 biases at their size, every weight at ``bits``. How a budget in bits becomes ``size_mb``."""
+    total = inventory.float_bytes_other()
+    for layer in inventory:
+        total += layer.n * layer.k * bits / 8 + (layer.n * 4 if layer.has_bias and layer.kind != "embedding" else 0)
+    return total / MB
+
+
+def explain_unreachable(inventory: LayerInventory, space: SearchSpace, size_mb: float, max_layers: int = 4) -> str:
+    """Why ``size_mb`` is below the smallest size the space reaches, and which options would reach it: the layers
+    whose ruled-out options (``space.excluded``: a kernel's shape rule, ``allowed``, ``pinned``) would save the most
+    bytes, with each reason, e.g. ``reaching it needs w2a16g128sym on layer blocks.0.fc1 (...), which no kernel of
+    cpu offers there: K=64 not a multiple of 128 (cpu-lowbit-mpq)``. Empty if ``size_mb`` is reachable."""
+    fixed = inventory.float_bytes_other()
+    cheapest = {layer.name: min(layer_size_bytes(layer, b, space.device) for b in space[layer.name])
+                for layer in inventory}
+    smallest = fixed + sum(cheapest.values())
+    limit = size_mb * MB
+    if limit >= smallest:
+        return ""
+    head = f"size_mb={size_mb:.6g} is below the smallest size this space reaches, {smallest / MB:.6g} MB"
+    savings = []  # (bytes saved, layer, option, why)
+    for layer in inventory:
+        ruled_out = (space.excluded or {}).get(layer.name, {})
+        best = min(ruled_out.items(), key=lambda kv: kv[1].size_bytes, default=None)
+        if best is not None and best[1].size_bytes < cheapest[layer.name]:
+            savings.append((cheapest[layer.name] - best[1].size_bytes, layer, best[0], best[1].reason))
+    need = smallest - limit
+    if sum(s[0] for s in savings) < need:
+        floor = smallest - sum(s[0] for s in savings)
+        kept = sorted(inventory.kept_float, key=lambda m: -m.bytes)[:3]
+        kept_text = ", ".join(f"{m.name} ({m.bytes / MB:.3g} MB: {m.reason})" for m in kept) or "none"
+        return (f"{head}; no option the {_device_name(space)} kernels have, even those ruled out for a layer, gets "
+                f"below {floor / MB:.6g} MB: the smallest options of every layer are taken, and the parameters kept "
+                f"in float outside the quantizable layers hold {fixed / MB:.6g} MB (largest: {kept_text})")
+    savings.sort(key=lambda s: -s[0])
+    picked, saved = [], 0
+    for s in savings:
+        picked.append(s)
+        saved += s[0]
+        if saved >= need:
+            break
+    parts = [f"{opt} on layer {layer.name} ({layer.kind} {'x'.join(map(str, layer.weight_shape))}, saving "
+             f"{b / MB:.3g} MB), which no kernel of {_device_name(space)} offers there: {why}"
+             for b, layer, opt, why in picked[:max_layers]]
+    more = f"; and {len(picked) - max_layers} more layers like these" if len(picked) > max_layers else ""
+    return f"{head}; reaching it needs " + "; ".join(parts) + more
+
+
+def _device_name(space: SearchSpace) -> str:
+    return space.device if isinstance(space.device, str) else "generic"

@@ -27,6 +27,14 @@ class CalibrationError(MpqError, ValueError):
     """Calibration data that is empty, inconsistent, or does not fit the model."""
 
 
+class ModelError(MpqError, ValueError):
+    """A model mpq cannot search as it is (e.g. NaN or Inf weights), named by the layer that has the problem."""
+
+
+class RunDirectoryError(MpqError, ValueError):
+    """A run directory that cannot be read, resumed or written to (not a run, a damaged file, a user's own files)."""
+
+
 class NoQuantizableLayersError(MpqError, ValueError):
     """The model has no layer that mpq can quantize."""
 

@@ -4,13 +4,13 @@ A kernel is one small class with three methods (Optuna-style plug-in): :meth:`Ke
 :class:`~mpq.config.LayerBits` it can run for a layer, :meth:`Kernel.scheme` gives the exact numerics of one option
 (so fake-quant matches the kernel), and :meth:`Kernel.convert` swaps a float module for the quantized one, given the
 integers a :mod:`mpq.quantizers` quantizer chose in that format.
-Kernels register themselves with :func:`register_kernel`; the packages that define them (``mpq.kernels``) are
+Kernels register themselves with :func:`register_kernel`; the packages that define them are found through the
+``mpq.kernels`` entry-point group (mpq's own ``kernels/`` and any third-party package, see :mod:`mpq.plugins`) and
 imported on first use, so ``import mpq`` loads no kernel code.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -25,8 +25,7 @@ from mpq.numerics import QuantizedWeight, QuantScheme
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, dict[str, Kernel]] = {}
-_PLUGIN_PACKAGES = ["mpq.kernels"]
-_loaded = False
+KERNEL_PLUGINS = "mpq.kernels"  # the entry-point group of kernel packages
 
 
 class Kernel(ABC):
@@ -62,6 +61,11 @@ class Kernel(ABC):
         qweight = get_quantizer(quantizer).quantize(layer.name, weight_matrix(module), self.scheme(bits).weight)
         return self.convert(module, layer, bits, qweight)
 
+    def rejected(self, layer: LayerInfo) -> dict[LayerBits, str]:
+        """Options this kernel has but rules out for ``layer``'s shape, each with the reason (e.g. ``K=96 not a
+        multiple of 64``): what an unreachable budget's error names. None by default."""
+        return {}
+
     # Size of what convert() stores, for the cost model. Kernels that pad override it.
     def weight_bytes(self, layer: LayerInfo, bits: LayerBits) -> int:
         from mpq.costs import packed_weight_bytes
@@ -93,18 +97,25 @@ def torch_device(device: str) -> str:
 
 
 def _load_plugins() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for pkg in _PLUGIN_PACKAGES:
-            importlib.import_module(pkg)
+    from mpq.plugins import load_plugins
+
+    load_plugins(KERNEL_PLUGINS)
 
 
-def kernels_for(device: str) -> list[Kernel]:
-    """The registered kernels of ``device`` that this machine can run."""
+def kernels_for(device: str, available_only: bool = True) -> list[Kernel]:
+    """The registered kernels of ``device`` that this machine can run (with ``available_only=False``, all of them:
+    their numerics and sizes are plain data, e.g. to export a CUDA run on a machine without a GPU)."""
     _load_plugins()
     dev = normalize_device(device)
-    return [k for k in _REGISTRY.get(dev, {}).values() if k.available()]
+    return [k for k in _REGISTRY.get(dev, {}).values() if not available_only or k.available()]
+
+
+def registered_kernel(layer: LayerInfo, bits: LayerBits, device: str) -> Kernel:
+    """The kernel registered for ``bits`` of ``layer`` on ``device``, whether or not this machine can run it."""
+    for kernel in kernels_for(device, available_only=False):
+        if bits in kernel.options(layer):
+            return kernel
+    raise ConfigError(f"layer {layer.name!r}: no {normalize_device(device)} kernel defines option {bits.name!r}")
 
 
 def layer_options(layer: LayerInfo, device: str) -> dict[LayerBits, Kernel]:

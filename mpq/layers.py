@@ -200,9 +200,33 @@ def _static_info(name: str, m: nn.Module) -> LayerInfo:
                      transposed=is_hf_conv1d(m))
 
 
+def custom_subclass_reason(m: nn.Module) -> str | None:
+    """Why a subclass of Linear/Conv1d/Conv2d/Embedding must stay in float, or None if it is one in all but name.
+
+    A kernel module computes what the base class's ``forward`` computes from ``weight`` and ``bias``; a subclass
+    with its own ``forward``, or with parameters or buffers beyond those, would lose them when swapped (silently:
+    the model still runs). Subclasses that only change ``__init__`` (``NonDynamicallyQuantizableLinear``) are fine.
+    """
+    base = next((t for t in QUANTIZABLE_TYPES if isinstance(m, t)), None)
+    if base is None or type(m) is base:
+        return None
+    why = []
+    if type(m).forward is not base.forward:
+        owner = next(c for c in type(m).__mro__ if "forward" in vars(c))
+        why.append(f"its own forward ({owner.__qualname__}.forward)")
+    base_state = {"weight", "bias"}
+    extra = sorted(({n for n, _ in m.named_parameters()} | {n for n, _ in m.named_buffers()}) - base_state)
+    if extra:
+        why.append(f"state beyond weight/bias ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+    if not why:
+        return None
+    return (f"{type(m).__name__} subclasses {base.__name__} with {' and '.join(why)}: a kernel module would drop "
+            f"it, so it stays in float")
+
+
 def is_quantizable(m: nn.Module) -> bool:
     return (isinstance(m, tuple(QUANTIZABLE_TYPES)) or is_hf_conv1d(m)) and \
-        isinstance(getattr(m, "weight", None), torch.Tensor)
+        isinstance(getattr(m, "weight", None), torch.Tensor) and custom_subclass_reason(m) is None
 
 
 def discover_layers(model: nn.Module, example_input: Any = None) -> LayerInventory:
@@ -301,6 +325,9 @@ def _untie_plan(infos: dict[str, LayerInfo], modules: dict[str, nn.Module]) -> d
 
 def _float_reason(m: nn.Module) -> str:
     t = type(m).__name__
+    custom = custom_subclass_reason(m)
+    if custom:
+        return custom
     if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "norm" in t.lower():
         return f"{t}: normalisation runs in float"
     if isinstance(m, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -31,75 +30,8 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 def render_report(run_dir: str | Path) -> str:
     run = read_run(run_dir)
-    summary: pd.DataFrame = run["summary_table"]
-    layers: pd.DataFrame = run["layers_table"]
-    frontier: pd.DataFrame = run["frontier_table"]
+    parts = _header(run) + _result(run) + _per_layer(run) + _frontier(run) + _how_found(run)
     kept: pd.DataFrame = run["kept_float_table"]
-    metric = run.get("metric", "metric")
-    arrow = "higher is better" if run.get("higher_is_better", True) else "lower is better"
-    fp = run.get("fingerprint", {})
-    limits = {k: v for k, v in (run.get("limits") or {}).items() if v is not None}
-    parts = [f"# mpq search: {run.get('model')} on {run.get('device')}", ""]
-    parts.append(f"- device: {fp.get('name')} ({fp.get('arch')}), {fp.get('threads')} threads, torch "
-                 f"{fp.get('torch')}, fingerprint `{run.get('fingerprint_id')}`")
-    parts.append(f"- budget: {run.get('budget_text')} -> limits "
-                 + ", ".join(f"{k} <= {_fmt(v)}" for k, v in limits.items()))
-    ref = run.get("reference", {})
-    parts.append(f"- float model: {_fmt(ref.get('size_mb'))} MB, {_fmt(ref.get('bops'))} BOPs, "
-                 f"{_fmt(ref.get('latency_ms'))} ms at batch {run.get('batch_size')}")
-    parts.append(f"- metric: {metric} ({arrow}); latency: median per forward pass")
-    parts += ["", "## Result", ""]
-    rows = []
-    for r in summary.to_dict("records"):
-        ratio = r["latency_measured_ms"] / r["latency_predicted_ms"] if r["latency_predicted_ms"] else float("nan")
-        rows.append([LABELS.get(r["name"], r["name"]), r["size_mb"], r["bops"] / 1e9, r["latency_predicted_ms"],
-                     r["latency_measured_ms"], ratio, r["score"], r["metric_fakequant"], r["metric_real"]])
-    parts.append(_table(rows, ["config", "size (MB)", "GBOPs", "latency predicted (ms)", "latency measured (ms)",
-                               "measured / predicted", "score", f"{metric} fake-quant",
-                               f"{metric} real kernels"]))
-    parts += ["", "Score = the estimator's predicted damage, normalised so that every layer at its most aggressive "
-              "option sums to 1 (raw values in scores.csv). Predicted latency = the profile table's per-layer medians summed, plus the rest of the forward "
-              "pass (the float model timed with every layer replaced by its recorded output). Measured = the applied "
-              "model (real integer kernels) timed end to end, all four interleaved. Fake-quant emulates each "
-              "kernel's exact numerics in float; real kernels are PyTorch's own integer kernels.", ""]
-    parts += ["## Chosen config, per layer", ""]
-    rows = [[r["layer"], r["kind"], r["weight_shape"], r["option"], r["score"], r.get("float_latency_ms"),
-             r["latency_ms"], r["float_size_mb"], r["size_mb"]] for r in layers.to_dict("records")]
-    parts.append(_table(rows, ["layer", "kind", "weight", "option", "score", "float latency (ms)",
-                               "latency (ms)", "float size (MB)", "size (MB)"]))
-    if len(frontier):
-        parts += ["", f"## Frontier ({len(frontier)} points, ILP at swept budgets)", ""]
-        rows = [[r["point"], r["swept"], r["size_mb"], r["latency_ms"], r["bops"] / 1e9, r["score"],
-                 r.get("metric"), "yes" if r.get("chosen") else ""] for r in frontier.to_dict("records")]
-        parts.append(_table(rows, ["point", "swept", "size (MB)", "latency (ms)", "GBOPs", "score",
-                                   f"{metric} fake-quant", "chosen"]))
-    parts += ["", "## How it was found", ""]
-    sc = run.get("sensitivity_cost", {})
-    probes = f"{sc['probes']} Hutchinson probes, " if sc.get("probes") else ""
-    converged = {True: ", converged", False: ", stopped at the probe limit before every score was known to the "
-                 "tolerance (standard errors in scores.csv)"}.get(sc.get("converged"), "")
-    parts.append(f"- sensitivity: `{run.get('estimator')}`: {probes}{sc.get('forward_passes')} forward / "
-                 f"{sc.get('backward_passes')} backward passes, {_fmt(sc.get('seconds'))} s{converged}"
-                 + (" (reused from an earlier run)" if sc.get("reused") else ""))
-    q = dict(run.get("quantizer") or {"name": "minmax"})
-    parts.append(f"- rounding: quantizer `{q.pop('name')}`" + (f" ({', '.join(f'{k}={v}' for k, v in q.items())})"
-                                                              if q else ""))
-    pr = run.get("profile", {})
-    nodes = pr.get("measured_per_node") or {}
-    parts.append(f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('target', run.get('device'))}` "
-                 f"(`{pr.get('backend')}`): {pr.get('measured')} measured in {pr.get('tasks', '?')} tasks, "
-                 f"{pr.get('cache_hits')} from the profile cache ({pr.get('warmup')} warm-up, {pr.get('repeats')} "
-                 f"timed repeats each)" + (f"; per node: {', '.join(f'{k} {v}' for k, v in nodes.items())}"
-                                           if nodes else ""))
-    st = run.get("solver_stats", {})
-    parts.append(f"- solver: `{run.get('solver')}`, {st.get('variables')} binaries, {_fmt(st.get('seconds'))} s; "
-                 f"search space {_fmt(run.get('space_size'))} configs over {run.get('layers')} layers; lowest "
-                 f"score {_fmt(st.get('optimal_score'))}, and among allocations within {_fmt(run.get('tie_tolerance'))}"
-                 f" of it the fastest was chosen")
-    stages = run.get("stages_seconds", {})
-    parts.append("- stage times (s): " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in stages.items()))
-    for layer, note in (run.get("space_notes") or {}).items():
-        parts.append(f"- {layer}: {note}")
     if len(kept):
         parts += ["", "## Kept in float", ""]
         parts.append(_table([[r["name"], r["type"], r["params"], r["reason"]] for r in kept.to_dict("records")],
@@ -109,6 +41,94 @@ def render_report(run_dir: str | Path) -> str:
     parts += ["", "Files: config.json (apply with `mpq apply`), summary.csv, layers.csv, frontier.csv, costs.csv, "
               "scores.csv, latency.csv, dashboard.html.", ""]
     return "\n".join(parts)
+
+
+def _header(run: dict) -> list[str]:
+    arrow = "higher is better" if run.get("higher_is_better", True) else "lower is better"
+    fp = run.get("fingerprint", {})
+    limits = {k: v for k, v in (run.get("limits") or {}).items() if v is not None}
+    ref = run.get("reference", {})
+    return [f"# mpq search: {run.get('model')} on {run.get('device')}", "",
+            f"- device: {fp.get('name')} ({fp.get('arch')}), {fp.get('threads')} threads, torch {fp.get('torch')}, "
+            f"fingerprint `{run.get('fingerprint_id')}`",
+            f"- budget: {run.get('budget_text')} -> limits "
+            + ", ".join(f"{k} <= {_fmt(v)}" for k, v in limits.items()),
+            f"- float model: {_fmt(ref.get('size_mb'))} MB, {_fmt(ref.get('bops'))} BOPs, "
+            f"{_fmt(ref.get('latency_ms'))} ms at batch {run.get('batch_size')}",
+            f"- metric: {run.get('metric', 'metric')} ({arrow}); latency: median per forward pass"]
+
+
+def _result(run: dict) -> list[str]:
+    metric = run.get("metric", "metric")
+    rows = []
+    for r in run["summary_table"].to_dict("records"):
+        ratio = r["latency_measured_ms"] / r["latency_predicted_ms"] if r["latency_predicted_ms"] else float("nan")
+        rows.append([LABELS.get(r["name"], r["name"]), r["size_mb"], r["bops"] / 1e9, r["latency_predicted_ms"],
+                     r["latency_measured_ms"], ratio, r["score"], r["metric_fakequant"], r["metric_real"]])
+    return ["", "## Result", "",
+            _table(rows, ["config", "size (MB)", "GBOPs", "latency predicted (ms)", "latency measured (ms)",
+                          "measured / predicted", "score", f"{metric} fake-quant", f"{metric} real kernels"]),
+            "", "Score = the estimator's predicted damage, normalised so that every layer at its most aggressive "
+            "option sums to 1 (raw values in scores.csv). Predicted latency = the profile table's per-layer medians "
+            "summed, plus the rest of the forward pass (the float model timed with every layer replaced by its "
+            "recorded output). Measured = the applied model (real integer kernels) timed end to end, all four "
+            "interleaved. Fake-quant emulates each kernel's exact numerics in float; real kernels are PyTorch's own "
+            "integer kernels.", ""]
+
+
+def _per_layer(run: dict) -> list[str]:
+    rows = [[r["layer"], r["kind"], r["weight_shape"], r["option"], r["score"], r.get("float_latency_ms"),
+             r["latency_ms"], r["float_size_mb"], r["size_mb"]] for r in run["layers_table"].to_dict("records")]
+    return ["## Chosen config, per layer", "",
+            _table(rows, ["layer", "kind", "weight", "option", "score", "float latency (ms)", "latency (ms)",
+                          "float size (MB)", "size (MB)"])]
+
+
+def _frontier(run: dict) -> list[str]:
+    frontier: pd.DataFrame = run["frontier_table"]
+    if not len(frontier):
+        return []
+    rows = [[r["point"], r["swept"], r["size_mb"], r["latency_ms"], r["bops"] / 1e9, r["score"], r.get("metric"),
+             "yes" if r.get("chosen") else ""] for r in frontier.to_dict("records")]
+    return ["", f"## Frontier ({len(frontier)} points, exact at their cost)", "",
+            _table(rows, ["point", "swept", "size (MB)", "latency (ms)", "GBOPs", "score",
+                          f"{run.get('metric', 'metric')} fake-quant", "chosen"])]
+
+
+def _how_found(run: dict) -> list[str]:
+    sc = run.get("sensitivity_cost", {})
+    probes = f"{sc['probes']} Hutchinson probes, " if sc.get("probes") else ""
+    converged = {True: ", converged", False: ", stopped at the probe limit before every score was known to the "
+                 "tolerance (standard errors in scores.csv)"}.get(sc.get("converged"), "")
+    q = dict(run.get("quantizer") or {"name": "minmax"})
+    pr = run.get("profile", {})
+    nodes = pr.get("measured_per_node") or {}
+    st = run.get("solver_stats", {})
+    ties = (f"and among allocations within {_fmt(run.get('tie_tolerance'))} of it the fastest was chosen"
+            if run.get("tie_tolerance") is not None else "no tie-break (this solver takes none)")
+    status = run.get("solver_status")
+    parts = ["", "## How it was found", "",
+             f"- sensitivity: `{run.get('estimator')}`: {probes}{sc.get('forward_passes')} forward / "
+             f"{sc.get('backward_passes')} backward passes, {_fmt(sc.get('seconds'))} s{converged}"
+             + (" (reused from an earlier run)" if sc.get("reused") else ""),
+             f"- rounding: quantizer `{q.pop('name')}`" + (f" ({', '.join(f'{k}={v}' for k, v in q.items())})"
+                                                          if q else ""),
+             f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('target', run.get('device'))}` "
+             f"(`{pr.get('backend')}`): {pr.get('measured')} measured in {pr.get('tasks', '?')} tasks, "
+             f"{pr.get('cache_hits')} from the profile cache ({pr.get('warmup')} warm-up, {pr.get('repeats')} "
+             f"timed repeats each)" + (f"; per node: {', '.join(f'{k} {v}' for k, v in nodes.items())}"
+                                       if nodes else ""),
+             f"- solver: `{run.get('solver')}`, {st.get('variables')} binaries, {_fmt(st.get('seconds'))} s; "
+             f"search space {_fmt(run.get('space_size'))} configs over {run.get('layers')} layers; lowest score "
+             f"{_fmt(st.get('optimal_score'))}, {ties}"
+             + (f"; status **{status}** (not proven optimal)" if status == "time_limit" else "")]
+    if run.get("evaluated") is False:
+        parts.append("- not evaluated: predicted numbers only (solve with evaluate=True, or `mpq solve --evaluate`, "
+                     "to measure the real kernels)")
+    stages = run.get("stages_seconds", {})
+    parts.append("- stage times (s): " + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in stages.items()))
+    parts += [f"- {layer}: {note}" for layer, note in (run.get("space_notes") or {}).items()]
+    return parts
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -121,6 +141,9 @@ def summary_line(run_dir: str | Path) -> str:
     run = read_run(run_dir)
     s = {r["name"]: r for r in run["summary_table"].to_dict("records")}
     c = s["chosen"]
+    if not run.get("evaluated", True):
+        return (f"chosen: {c['size_mb']:.4g} MB, latency {c['latency_predicted_ms']:.4g} ms predicted (not measured: "
+                f"solve with --evaluate), score {c['score']:.4g}; {c['histogram']}")
     return (f"chosen: {c['size_mb']:.4g} MB, latency {c['latency_predicted_ms']:.4g} ms predicted / "
             f"{c['latency_measured_ms']:.4g} ms measured, {run.get('metric')} {c['metric_real']:.4g} (float "
-            f"{s['float']['metric_real']:.4g}); {json.loads(c['histogram'])}")
+            f"{s['float']['metric_real']:.4g}); {c['histogram']}")

@@ -1,6 +1,8 @@
 """The search space: for each layer, the bits some kernel of the target device can run, plus float.
 
-The search never picks what cannot run, because the options come from the kernel registry of the device.
+The search never picks what cannot run, because the options come from the kernel registry of the device. What a
+layer cannot take is recorded with the reason (a kernel rules its shape out, ``allowed`` or ``pinned`` leave it
+out), so that an unreachable budget can say what would reach it (:func:`mpq.costs.explain_unreachable`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from mpq.errors import ConfigError
 from mpq.layers import LayerInventory, discover_layers
 from mpq.numerics import GenericNumerics
 from mpq.quantizers import MinMaxQuantizer, Quantizer
-from mpq.kernel_registry import allowed_text, layer_options, normalize_device, option_order
+from mpq.kernel_registry import allowed_text, kernels_for, layer_options, normalize_device, option_order
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """An option a layer does not get, why, and how many bytes it would have stored had it been offered."""
+
+    reason: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class SearchSpace:
     options: Mapping[str, tuple[LayerBits, ...]]
     notes: Mapping[str, str] = field(default_factory=dict)
     quantizer: Quantizer = field(default_factory=MinMaxQuantizer)
+    excluded: Mapping[str, Mapping[str, Excluded]] = field(default_factory=dict)  # layer -> option name -> why
 
     @property
     def layers(self) -> list[str]:
@@ -75,11 +86,20 @@ def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: 
                           f"quantizable: {inventory.names}")
     options: dict[str, tuple[LayerBits, ...]] = {}
     notes: dict[str, str] = {}
+    excluded: dict[str, dict[str, Excluded]] = {}
     for layer in inventory:
-        quant = sorted(layer_options(layer, dev), key=option_order)
+        offered = layer_options(layer, dev)
+        quant = sorted(offered, key=option_order)
+        out = excluded.setdefault(layer.name, {})
+        for bits, (why, nbytes) in rejected_options(layer, dev).items():
+            if bits not in offered:
+                out.setdefault(bits.name, Excluded(why, nbytes))
         if not quant:
             notes[layer.name] = f"no {dev} kernel runs {layer.kind} {layer.weight_shape} (groups={layer.groups}); float"
         if allow is not None:
+            for b in quant:
+                if b not in allow:
+                    out[b.name] = Excluded("not in the allowed options", offered[b].weight_bytes(layer, b))
             quant = [b for b in quant if b in allow]
         opts = ([FLOAT] if keep_float or not quant else []) + quant
         if layer.name in pins:
@@ -87,9 +107,22 @@ def build_search_space(inventory: LayerInventory, device: str = "cpu", allowed: 
             if pin not in opts and pin != FLOAT:
                 raise ConfigError(f"layer {layer.name!r} pinned to {pin.name!r}, which no {dev} kernel runs; "
                                   f"allowed: {[b.name for b in opts]}")
+            for b in quant:
+                if b != pin:
+                    out[b.name] = Excluded(f"the layer is pinned to {pin.name}", offered[b].weight_bytes(layer, b))
             opts = [pin]
         options[layer.name] = tuple(opts)
-    return SearchSpace(dev, options, notes)
+    return SearchSpace(dev, options, notes, excluded={k: v for k, v in excluded.items() if v})
+
+
+def rejected_options(layer, device: str) -> dict[LayerBits, tuple[str, int]]:
+    """Options that a kernel of ``device`` has but rules out for ``layer``'s shape: the reason (naming the kernel)
+    and the bytes it would store (:meth:`mpq.kernel_registry.Kernel.rejected`)."""
+    out: dict[LayerBits, tuple[str, int]] = {}
+    for kernel in kernels_for(device):
+        for bits, why in kernel.rejected(layer).items():
+            out.setdefault(bits, (f"{why} ({kernel.name})", kernel.weight_bytes(layer, bits)))
+    return out
 
 
 def generic_space(inventory: LayerInventory, weight_bits: Iterable[int] = (2, 3, 4, 6, 8),

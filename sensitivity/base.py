@@ -9,12 +9,10 @@ are then meaningful (:class:`CombinedEstimator`), and a solver's tolerances can 
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import pandas as pd
@@ -23,7 +21,11 @@ from torch import nn
 from mpq.calib import CalibrationSet, LossFn
 from mpq.errors import ConfigError, MpqError
 from mpq.layers import LayerInventory
+from mpq.options import estimator_options, parse_combination
+from mpq.plugins import ESTIMATORS, accepted_options
 from mpq.space import SearchSpace
+
+MapFn = Callable[..., list]  # map_with_shared's signature: (fn, shared, items, workers, address, setup, on_result)
 
 SCORE_COLUMNS = ["layer", "option", "score"]
 
@@ -101,56 +103,36 @@ class SensitivityEstimator(ABC):
         return result
 
 
-_REGISTRY: dict[str, type[SensitivityEstimator]] = {}
-
-
 def register_estimator(cls: type[SensitivityEstimator]) -> type[SensitivityEstimator]:
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: make ``cls`` available as ``sensitivity=cls.name`` (and in combinations)."""
+    if not (isinstance(cls, type) and issubclass(cls, SensitivityEstimator)):
+        raise ConfigError(f"register_estimator takes a SensitivityEstimator subclass, got {cls!r}")
+    return ESTIMATORS.add(cls.name, cls)
 
 
 def available_estimators() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def parse_combination(spec: str | Mapping[str, float] | list[str]) -> dict[str, float]:
-    """``"hessian"``, ``"hessian+lrp"``, ``"0.7*hessian+0.3*lrp"``, ``["hessian", "lrp"]`` or ``{name: weight}``."""
-    if isinstance(spec, Mapping):
-        weights = {str(k): float(v) for k, v in spec.items()}
-    elif isinstance(spec, (list, tuple)):
-        weights = {str(k): 1.0 for k in spec}
-    else:
-        weights = {}
-        for term in filter(None, (t.strip() for t in str(spec).split("+"))):
-            m = re.fullmatch(r"(?:([0-9.eE+-]+)\s*\*\s*)?([a-z_][a-z0-9_]*)", term)
-            if not m:
-                raise ConfigError(f"cannot parse sensitivity term {term!r}: use e.g. 'hessian' or '0.5*lrp'")
-            weights[m[2]] = weights.get(m[2], 0.0) + float(m[1] or 1.0)
-    for name, w in weights.items():
-        if name not in _REGISTRY:
-            raise ConfigError(f"unknown sensitivity estimator {name!r}; available: {', '.join(available_estimators())}")
-        if not math.isfinite(w) or w < 0:
-            raise ConfigError(f"weight {w!r} of estimator {name!r} must be a finite non-negative number")
-    if not weights or sum(weights.values()) <= 0:
-        raise ConfigError(f"no estimator with a positive weight in {spec!r}")
-    return weights
+    return sorted(ESTIMATORS.names())
 
 
 def get_estimator(spec: str | Mapping[str, float] | list[str] | SensitivityEstimator,
-                  **options: Any) -> SensitivityEstimator:
+                  map_fn: MapFn | None = None, **options: Any) -> SensitivityEstimator:
     """An estimator by name, or a weighted combination. ``options`` are the estimator's keyword arguments, or, keyed
-    by estimator name, each member's (``{"hessian": {"max_probes": 64}, "lrp": {...}}``)."""
+    by estimator name, each member's (``{"hessian": {"max_probes": 64}, "lrp": {...}}``). ``map_fn`` is the
+    parallel map (``mpq.workers.cluster.map_with_shared``'s signature) handed to estimators that fan out."""
     if isinstance(spec, SensitivityEstimator):
         return spec
     weights = parse_combination(spec)
-    per_name = bool(options) and all(k in _REGISTRY for k in options)
+    members = {n: _construct(n, opts, map_fn) for n, opts in estimator_options(spec, options).items()}
     if len(weights) == 1:
-        (name,) = weights
-        return _REGISTRY[name](**(options.get(name, {}) if per_name else options))
-    if options and not per_name:
-        raise ConfigError(f"options for a combination of estimators must be keyed by estimator name, got "
-                          f"{sorted(options)}")
-    return CombinedEstimator(weights, {n: options.get(n, {}) for n in weights})
+        return next(iter(members.values()))
+    return CombinedEstimator(weights, members=members)
+
+
+def _construct(name: str, options: Mapping[str, Any], map_fn: MapFn | None) -> SensitivityEstimator:
+    cls = ESTIMATORS.get(name)
+    takes, _ = accepted_options(cls)
+    extra = {"map_fn": map_fn} if map_fn is not None and "map_fn" in takes and "map_fn" not in options else {}
+    return cls(**dict(options), **extra)
 
 
 class CombinedEstimator(SensitivityEstimator):
@@ -158,9 +140,11 @@ class CombinedEstimator(SensitivityEstimator):
 
     name = "combined"
 
-    def __init__(self, weights: Mapping[str, float], options: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(self, weights: Mapping[str, float], options: Mapping[str, Mapping[str, Any]] | None = None,
+                 members: Mapping[str, SensitivityEstimator] | None = None):
         self.weights = dict(weights)
-        self.members = {n: _REGISTRY[n](**dict((options or {}).get(n, {}))) for n in self.weights}
+        self.members = dict(members) if members is not None else \
+            {n: ESTIMATORS.get(n)(**dict((options or {}).get(n, {}))) for n in self.weights}
 
     @property
     def label(self) -> str:

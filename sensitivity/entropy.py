@@ -26,7 +26,7 @@ from mpq.fakequant import FakeQuantLayer
 from mpq.layers import LayerInventory, call_model, modules_by_name, weight_matrix
 from mpq.numerics import fake_quantize_activation
 from mpq.kernel_registry import scheme_for
-from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
+from mpq.sensitivity.base import ScoreError, SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
 
 PROXIES = ("entropy", "relative_error", "output_error", "entropy_error")
@@ -43,8 +43,15 @@ def histogram_entropy(values: Tensor, lo: float, hi: float, bins: int = HIST_BIN
     return float(-(p * p.log2()).sum())
 
 
-def entropy_drop(x: Tensor, xq: Tensor) -> float:
+def entropy_drop(x: Tensor, xq: Tensor, what: str = "values") -> float:
     """Bits per element lost when ``x`` becomes ``xq`` (both histogrammed on the grid of ``x``'s range)."""
+    if x.numel() == 0:
+        raise ScoreError(f"{what} are empty: no entropy to measure")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ScoreError(f"{what} hold {bad} NaN/Inf value{'s' if bad > 1 else ''} of {x.numel()}: the entropy of "
+                         f"their histogram is undefined; check the model's weights and calibration inputs")
     lo, hi = float(x.min()), float(x.max())
     return max(histogram_entropy(x, lo, hi) - histogram_entropy(xq.clamp(lo, hi), lo, hi), 0.0)
 
@@ -87,7 +94,8 @@ class EntropyProxyEstimator(SensitivityEstimator):
                 mod = modules[n]
                 if scheme.weight is not None:
                     w = weight_matrix(mod)
-                    row["weight_bits_lost"] = entropy_drop(w, space.quantizer.fake(n, w, scheme.weight))
+                    row["weight_bits_lost"] = entropy_drop(w, space.quantizer.fake(n, w, scheme.weight),
+                                                           f"the weights of layer {n!r}")
                 fq = FakeQuantLayer(mod, scheme, n, space.quantizer)
                 err = ref = 0.0
                 n_samples = 0
@@ -98,7 +106,8 @@ class EntropyProxyEstimator(SensitivityEstimator):
                     ref += float(y.float().pow(2).sum())
                     n_samples += x.shape[0]
                     if not scheme.act.is_float:
-                        act_lost.append(entropy_drop(x, fake_quantize_activation(x, scheme.act)))
+                        act_lost.append(entropy_drop(x, fake_quantize_activation(x, scheme.act),
+                                                     f"the inputs of layer {n!r}"))
                 row["act_bits_lost"] = sum(act_lost) / len(act_lost) if act_lost else 0.0
                 row["relative_error"] = err / max(ref, 1e-30)
                 row["output_error"] = err / max(n_samples, 1)

@@ -24,7 +24,8 @@ from torch import nn
 from mpq.calib import CalibrationSet, LossFn
 from mpq.config import FLOAT
 from mpq.layers import LayerInventory, discover_layers
-from mpq.sensitivity.base import get_estimator
+from mpq.plugins import ESTIMATORS, accepted_options
+from mpq.sensitivity.base import MapFn, get_estimator
 from mpq.sensitivity.measured import config_damage, single_layer_deltas
 from mpq.space import SearchSpace, build_search_space, generic_space
 
@@ -60,18 +61,21 @@ def judge_estimators(model: nn.Module, calib: Any, heldout: Any, estimators: Ite
                      n_configs: int = 50, device: str | None = "cpu", space: SearchSpace | None = None,
                      inventory: LayerInventory | None = None, loss_fn: LossFn | None = None, seed: int = 0,
                      options: Mapping[str, Mapping[str, Any]] | None = None, backend: str = "inprocess",
-                     progress: bool = True, out: str | Path | None = None) -> EstimatorReport:
-    """Run each estimator on ``calib`` and rank it against the measured damage on ``heldout``."""
+                     progress: bool = True, out: str | Path | None = None, map_fn: MapFn | None = None
+                     ) -> EstimatorReport:
+    """Run each estimator on ``calib`` and rank it against the measured damage on ``heldout``. ``backend="ray"``
+    fans the measured damage (and the measuring estimators) out through ``map_fn``."""
     calib = CalibrationSet.from_any(calib)
     held = CalibrationSet.from_any(heldout)
     inventory = inventory or discover_layers(model, calib.example)
     if space is None:
         space = generic_space(inventory) if device is None else build_search_space(inventory, device)
-    truth = single_layer_deltas(model, held, space, inventory, loss_fn, ("loss",), backend, progress=progress)
+    truth = single_layer_deltas(model, held, space, inventory, loss_fn, ("loss",), backend, progress=progress,
+                                map_fn=map_fn)
     truth = truth.rename(columns={"loss": "truth"})
     configs = random_configs(space, n_configs, seed)
     damage = config_damage(model, held, configs, inventory, space.device, loss_fn, ("loss",), backend,
-                           progress=progress, desc="random configs", quantizer=space.quantizer)
+                           progress=progress, desc="random configs", quantizer=space.quantizer, map_fn=map_fn)
     cfg = pd.DataFrame({"config": [json.dumps(c, sort_keys=True) for c in configs],
                         "truth": [d["loss"] for d in damage]})
 
@@ -95,7 +99,7 @@ def judge_estimators(model: nn.Module, calib: Any, heldout: Any, estimators: Ite
     judge("truth (single-layer sum)", truth, "truth", {})
     for name in estimators:
         t0 = time.perf_counter()
-        est = get_estimator(name, **dict((options or {}).get(name, {})))
+        est = get_estimator(name, map_fn, **_member_options(name, (options or {}).get(name, {}), backend))
         res = est.run(model, calib, space, inventory, loss_fn=loss_fn, progress=progress)
         res.cost.setdefault("seconds", time.perf_counter() - t0)
         # ranks are judged on raw scores: normalising is a positive scale (ranks unchanged) but clips negative raw
@@ -109,6 +113,14 @@ def judge_estimators(model: nn.Module, calib: Any, heldout: Any, estimators: Ite
     if out is not None:
         write_report(report, out)
     return report
+
+
+def _member_options(name: str, given: Mapping[str, Any], backend: str) -> dict[str, Any]:
+    """An estimator's options; one that measures runs where the judge's own measurements run unless told."""
+    opts = dict(given)
+    if "backend" in accepted_options(ESTIMATORS.get(name))[0]:
+        opts.setdefault("backend", backend)
+    return opts
 
 
 def write_report(report: EstimatorReport, out: str | Path) -> Path:

@@ -3,8 +3,10 @@
 Each (layer, option) is applied alone (fake-quant with the target kernel's exact numerics, every other layer in
 float) and the damage is measured on the given batches: the task-loss increase, and for ``decoupled`` also the KL
 divergence of the output distribution from the float one and the distortion of the final features (the input of
-the model's last quantizable layer). The work fans out over Ray actors, each holding one copy of the model (shipped
-once through the object store), or runs in-process; either way progress is shown per finished chunk.
+the model's last quantizable layer). With ``backend="ray"`` the work fans out through the map function the caller
+hands in (``map_fn``: ``mpq.search``/``mpq.study`` pass Ray actors, each holding one copy of the model, shipped once
+through the object store); this stage does not import the workers. ``"inprocess"`` runs here. Either way progress is
+shown per finished chunk.
 """
 
 from __future__ import annotations
@@ -25,12 +27,23 @@ from mpq.config import FLOAT, LayerBits
 from mpq.fakequant import FakeQuantLayer
 from mpq.layers import LayerInventory, call_model, set_submodule
 from mpq.kernel_registry import scheme_for
-from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, register_estimator
+from mpq.errors import ConfigError
+from mpq.sensitivity.base import MapFn, SensitivityEstimator, SensitivityResult, register_estimator
 from mpq.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "kl", "feature")
+BACKENDS = ("ray", "inprocess")
+
+
+def check_backend(backend: str, map_fn: MapFn | None, who: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"{who}: backend {backend!r} not supported: use one of {', '.join(BACKENDS)}")
+    if backend == "ray" and map_fn is None:
+        raise ConfigError(f"{who}: backend 'ray' fans out through a map function: use it through mpq.search or "
+                          f"mpq.study (which pass Ray's), give map_fn=mpq.workers.cluster.map_with_shared, or use "
+                          f"backend='inprocess'")
 
 
 def _kl(out_q: torch.Tensor, out_f: torch.Tensor) -> float:
@@ -119,13 +132,15 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
                   device: str | None, loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",),
                   backend: str = "inprocess", address: str | None = None, workers: int | None = None,
                   chunk_size: int = 4, progress: bool = True, desc: str = "damage",
-                  quantizer=None) -> list[dict[str, float]]:
+                  quantizer=None, map_fn: MapFn | None = None) -> list[dict[str, float]]:
     """The damage of each config (layer -> option name, other layers float) on every metric, in order; weights
-    rounded by ``quantizer`` (a :class:`mpq.quantizers.Quantizer`, min-max when None)."""
+    rounded by ``quantizer`` (a :class:`mpq.quantizers.Quantizer`, min-max when None). ``backend="ray"`` fans the
+    chunks out through ``map_fn`` (the signature of ``mpq.workers.cluster.map_with_shared``)."""
     metrics = tuple(metrics)
     unknown = set(metrics) - set(METRICS)
     if unknown:
-        raise ValueError(f"unknown damage metrics {sorted(unknown)}; available: {', '.join(METRICS)}")
+        raise ConfigError(f"unknown damage metrics {sorted(unknown)}; available: {', '.join(METRICS)}")
+    check_backend(backend, map_fn, "measured damage")
     if loss_fn is None:
         calib = calib.with_pseudo_labels(model)
     chunks = [list(range(i, min(i + chunk_size, len(configs)))) for i in range(0, len(configs), chunk_size)]
@@ -137,16 +152,12 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
             for chunk in chunks:
                 results.update(zip(chunk, runner.measure([configs[i] for i in chunk])))
                 bar.update(len(chunk))
-        elif backend == "ray":  # each actor holds one copy of the model and batches, shipped once
-            from mpq.workers.cluster import map_with_shared
-
+        else:  # each worker holds one copy of the model and batches, shipped once
             shared = (model, calib.batches, inventory, device, loss_fn, metrics, 1, quantizer)
-            damage = map_with_shared(_measure_chunk, shared, [[configs[j] for j in c] for c in chunks], workers,
-                                     address, setup=_runner_of, on_result=lambda i, _: bar.update(len(chunks[i])))
+            damage = map_fn(_measure_chunk, shared, [[configs[j] for j in c] for c in chunks], workers,
+                            address, setup=_runner_of, on_result=lambda i, _: bar.update(len(chunks[i])))
             for chunk, values in zip(chunks, damage):
                 results.update(zip(chunk, values))
-        else:
-            raise ValueError(f"backend {backend!r} not supported: use 'ray' or 'inprocess'")
     finally:
         bar.close()
     return [results[i] for i in range(len(configs))]
@@ -155,12 +166,12 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
 def single_layer_deltas(model: nn.Module, calib: CalibrationSet, space: SearchSpace, inventory: LayerInventory,
                         loss_fn: LossFn | None = None, metrics: Iterable[str] = ("loss",), backend: str = "inprocess",
                         address: str | None = None, workers: int | None = None, chunk_size: int = 4,
-                        progress: bool = True) -> pd.DataFrame:
+                        progress: bool = True, map_fn: MapFn | None = None) -> pd.DataFrame:
     """One row per (layer, option) of ``space``: the mean damage per batch on every metric (float rows are 0)."""
     pairs = [(l, b.name) for l, b in space.pairs() if b != FLOAT]
     damage = config_damage(model, calib, [{l: o} for l, o in pairs], inventory, space.device, loss_fn, metrics,
                            backend, address, workers, chunk_size, progress, desc="single-layer damage",
-                           quantizer=space.quantizer)
+                           quantizer=space.quantizer, map_fn=map_fn)
     by_pair = dict(zip(pairs, damage))
     zero = dict.fromkeys(tuple(metrics), 0.0)
     return pd.DataFrame([{"layer": l, "option": b.name, **by_pair.get((l, b.name), zero)} for l, b in space.pairs()])
@@ -173,13 +184,15 @@ class MeasuredEstimator(SensitivityEstimator):
     name = "measured"
 
     def __init__(self, backend: str = "ray", address: str | None = None, workers: int | None = None,
-                 chunk_size: int = 4):
+                 chunk_size: int = 4, map_fn: MapFn | None = None):
+        check_backend(backend, map_fn, "estimator 'measured'")
         self.backend, self.address, self.workers, self.chunk_size = backend, address, workers, chunk_size
+        self.map_fn = map_fn
 
     def estimate(self, model, calib, space, inventory, loss_fn=None, progress=True) -> SensitivityResult:
         t0 = time.perf_counter()
         deltas = single_layer_deltas(model, calib, space, inventory, loss_fn, ("loss",), self.backend, self.address,
-                                     self.workers, self.chunk_size, progress)
+                                     self.workers, self.chunk_size, progress, self.map_fn)
         scores = deltas.rename(columns={"loss": "raw_score"})
         n = int((scores["option"] != FLOAT.name).sum())
         cost = {"forward_passes": (n + 1) * len(calib), "backward_passes": 0, "seconds": time.perf_counter() - t0,
@@ -203,16 +216,20 @@ class DecoupledEstimator(SensitivityEstimator):
     name = "decoupled"
 
     def __init__(self, metrics: Iterable[str] = ("loss", "kl", "feature"), backend: str = "ray",
-                 address: str | None = None, workers: int | None = None, chunk_size: int = 4):
+                 address: str | None = None, workers: int | None = None, chunk_size: int = 4,
+                 map_fn: MapFn | None = None):
         self.metrics = tuple(metrics)
-        if len(self.metrics) < 2:
-            raise ValueError("metric-decoupled sensitivity needs at least two metrics")
+        if len(self.metrics) < 2 or set(self.metrics) - set(METRICS):
+            raise ConfigError(f"metric-decoupled sensitivity needs at least two metrics of {', '.join(METRICS)}, "
+                              f"got {list(self.metrics)}")
+        check_backend(backend, map_fn, "estimator 'decoupled'")
         self.backend, self.address, self.workers, self.chunk_size = backend, address, workers, chunk_size
+        self.map_fn = map_fn
 
     def estimate(self, model, calib, space, inventory, loss_fn=None, progress=True) -> SensitivityResult:
         t0 = time.perf_counter()
         deltas = single_layer_deltas(model, calib, space, inventory, loss_fn, self.metrics, self.backend,
-                                     self.address, self.workers, self.chunk_size, progress)
+                                     self.address, self.workers, self.chunk_size, progress, self.map_fn)
         shares = deltas[["layer", "option"]].copy()
         for m in self.metrics:
             pos = deltas[m].clip(lower=0)

@@ -4,7 +4,6 @@ reference the ILP and the Pareto solvers are tested against."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from typing import Iterable, Mapping
@@ -12,9 +11,11 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from mpq.config import choice_key
 from mpq.errors import BudgetError, ConfigError
-from mpq.solvers.base import (COST_COLUMNS, Allocation, check_reachable, check_table, finite_limits,
-                              objective_values, restrict, smallest_reachable, totals_of)
+from mpq.solvers.base import (CONSTRAINTS, COST_COLUMNS, Allocation, Problem, Solver, check_reachable, check_table,
+                              finite_limits, objective_values, register_solver, restrict, smallest_reachable,
+                              totals_of)
 
 MAX_CONFIGS = 2_000_000
 
@@ -86,5 +87,18 @@ def exhaustive_frontier(table: pd.DataFrame, resource: str, fixed: Mapping[str, 
     for i in keep:
         choice = dict(zip(layers[rows[i]], options[rows[i]]))
         out.append({"score": float(totals["objective"][i]), resource: float(cost[i]),
-                    "choice": json.dumps(dict(sorted(choice.items())))})
+                    "choice": choice_key(choice)})
     return pd.DataFrame(out).sort_values(resource).reset_index(drop=True)
+
+
+@register_solver
+class ExhaustiveSolver(Solver):
+    """:func:`exhaustive_allocate`: enumeration, the reference the others are tested against."""
+
+    name = "exhaustive"
+    honours = frozenset(CONSTRAINTS)
+    exact = True
+
+    def solve(self, p: Problem) -> Allocation:
+        return exhaustive_allocate(p.table, p.limits, p.fixed, p.secondary, p.slack, p.objective, p.caps,
+                                   p.allowed, p.pinned, p.min_bits)

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from mpq.errors import BudgetError, ConfigError
-from mpq.solvers.base import (Allocation, check_reachable, check_table, finite_limits, objective_values, restrict,
-                              smallest_reachable, totals_of)
+from mpq.solvers.base import (CONSTRAINTS, Allocation, Problem, Solver, check_reachable, check_table, finite_limits,
+                              objective_values, register_solver, restrict, smallest_reachable, totals_of)
 
 log = logging.getLogger(__name__)
 BACKENDS = ("cbc", "highs")
@@ -33,6 +33,10 @@ BACKENDS = ("cbc", "highs")
 
 class Infeasible(Exception):
     pass
+
+
+class TimeLimitWithoutSolution(BudgetError):
+    """The solver ran out of time before it found any allocation that meets the limits."""
 
 
 @contextlib.contextmanager
@@ -71,6 +75,7 @@ class BinaryProgram:
         self.layer_codes, self.layers = pd.factorize(table["layer"], sort=False)
         self.rows: list[tuple[np.ndarray, float]] = []
         self.solves = 0
+        self.status = "optimal"  # "time_limit" once any solve stopped at the time limit with a feasible incumbent
 
     def add_row(self, coeffs: np.ndarray, bound: float) -> None:
         """``coeffs . x <= bound``."""
@@ -110,11 +115,23 @@ class BinaryProgram:
         opts = {"mip_rel_gap": 0.0, **({"time_limit": self.time_limit} if self.time_limit else {})}
         with _quiet_native_output():
             res = milp(c, constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1), options=opts)
+        if res.status == 1:  # iteration or time limit: the incumbent, if HiGHS found one, is feasible
+            return self._at_time_limit("HiGHS", None if res.x is None else res.x > 0.5)
         if res.status == 2 or res.x is None:
             raise Infeasible(res.message)
         if res.status != 0:
             raise BudgetError(f"HiGHS ended with status {res.status}: {res.message}")
         return res.x > 0.5
+
+    def _at_time_limit(self, solver: str, x: np.ndarray | None) -> np.ndarray:
+        limit = f"its time limit of {self.time_limit:g} s" if self.time_limit else "its iteration limit"
+        if x is None:
+            raise TimeLimitWithoutSolution(f"{solver} stopped at {limit} before it found any allocation within the "
+                                           f"limits: raise time_limit (solver_options={{'time_limit': ...}}) or "
+                                           f"drop it")
+        log.warning("%s stopped at %s: using the best allocation found, not proven optimal", solver, limit)
+        self.status = "time_limit"
+        return x
 
     def _cbc(self, c, rows):
         import pulp
@@ -141,9 +158,25 @@ class BinaryProgram:
         status = pulp.LpStatus[prob.solve(cmd)]
         if status == "Infeasible":
             raise Infeasible(status)
+        # PuLP reports "Optimal" for a CBC run stopped at its time limit with an incumbent; the solution status
+        # tells the two apart (LpSolutionIntegerFeasible: found, not proven optimal)
+        if status == "Not Solved" and self.time_limit:
+            return self._at_time_limit("CBC", None)
         if status != "Optimal":
             raise BudgetError(f"CBC ended with status {status!r}")
-        return np.array([(v.value() or 0) > 0.5 for v in x])
+        values = np.array([(v.value() or 0) > 0.5 for v in x])
+        if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+            return self._at_time_limit("CBC", values)
+        if prob.sol_status != pulp.LpSolutionOptimal:
+            return self._at_time_limit("CBC", None) if self.time_limit else self._cbc_failed(prob)
+        return values
+
+    @staticmethod
+    def _cbc_failed(prob):
+        import pulp
+
+        raise BudgetError(f"CBC ended without a solution (solution status "
+                          f"{pulp.LpSolution.get(prob.sol_status, prob.sol_status)!r})")
 
 
 def ilp_allocate(table: pd.DataFrame, limits: Mapping[str, float] | None = None,
@@ -183,8 +216,28 @@ def ilp_allocate(table: pd.DataFrame, limits: Mapping[str, float] | None = None,
     score, costs = totals_of(table, choice, fixed)
     seconds = time.perf_counter() - t0
     log.debug("ilp(%s): %d layers, %d binaries, score %.4g in %.3fs", backend, len(choice), len(table), score, seconds)
-    return Allocation(choice, score, costs, solver=f"ilp-{backend}", status="optimal",
+    return Allocation(choice, score, costs, solver=f"ilp-{backend}", status=prog.status,
                       stats={"seconds": seconds, "variables": len(table), "constraints": len(prog.rows),
                              "solves": prog.solves, "limits": limits, "caps": caps, "optimal_score": best,
                              "objective": objective if isinstance(objective, str) else dict(objective),
                              "secondary": secondary, "slack": slack})
+
+
+@register_solver
+class ILPSolver(Solver):
+    """The integer program (:func:`ilp_allocate`): honours every constraint, exact up to the solvers' tolerances."""
+
+    name = "ilp"
+    honours = frozenset(CONSTRAINTS)
+    exact = True
+
+    def __init__(self, backend: str = "cbc", time_limit: float | None = None):
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown ILP backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+            raise ConfigError(f"time_limit {time_limit!r} must be a positive number of seconds (or None)")
+        self.backend, self.time_limit = backend, time_limit
+
+    def solve(self, p: Problem) -> Allocation:
+        return ilp_allocate(p.table, p.limits, p.fixed, self.backend, self.time_limit, p.secondary, p.slack,
+                            p.objective, p.caps, p.allowed, p.pinned, p.min_bits)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,10 +24,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mpq.errors import BudgetError
-from mpq.solvers.base import (COST_COLUMNS, Allocation, check_table, finite_limits, largest_reachable,
-                              objective_values, restrict, smallest_reachable, totals_of)
-from mpq.solvers.ilp import BinaryProgram, Infeasible, ilp_allocate
+from mpq.config import choice_key
+from mpq.errors import BudgetError, ConfigError
+from mpq.solvers.base import (CONSTRAINTS, COST_COLUMNS, Allocation, Problem, Solver, check_table, finite_limits,
+                              largest_reachable, objective_values, register_solver, restrict, smallest_reachable,
+                              totals_of)
+from mpq.solvers.ilp import BACKENDS, BinaryProgram, Infeasible, ilp_allocate
 
 log = logging.getLogger(__name__)
 FRONTIER_COLUMNS = ["swept", "budget", "score", *COST_COLUMNS, "exact", "method", "choice"]
@@ -61,11 +62,13 @@ def pareto_filter_nd(points: pd.DataFrame, columns: Iterable[str]) -> pd.DataFra
 def _row(table, choice, fixed, swept, budget, exact, method) -> dict:
     score, costs = totals_of(table, choice, fixed)
     return {"swept": swept, "budget": budget, "score": score, **{c: costs.get(c, np.nan) for c in COST_COLUMNS},
-            "exact": exact, "method": method, "choice": json.dumps(dict(sorted(choice.items())))}
+            **{c: v for c, v in costs.items() if c not in COST_COLUMNS}, "exact": exact, "method": method,
+            "choice": choice_key(choice)}
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=FRONTIER_COLUMNS)
+    extra = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in FRONTIER_COLUMNS]
+    return pd.DataFrame(rows, columns=FRONTIER_COLUMNS + extra)
 
 
 def walk_frontier(table: pd.DataFrame, resource: str, fixed: Mapping[str, float] | None = None,
@@ -97,7 +100,10 @@ def walk_frontier(table: pd.DataFrame, resource: str, fixed: Mapping[str, float]
                 complete = True
                 break
             best = float(c[x].sum())
-            cheapest = prog.solve(cost, extra + [(c, best)])  # the cheapest allocation at that score ...
+            try:
+                cheapest = prog.solve(cost, extra + [(c, best)])  # the cheapest allocation at that score ...
+            except Infeasible:  # ... which the solver's tolerances can call infeasible although x meets it
+                cheapest = x
             if float(c[cheapest].sum()) <= best + 1e-12 * max(abs(best), 1.0):
                 x = cheapest  # ... unless the solver's tolerance let a worse score through
             choice = dict(zip(table.loc[x, "layer"], table.loc[x, "option"]))
@@ -231,20 +237,28 @@ def frontier_3d(table: pd.DataFrame, fixed: Mapping[str, float] | None = None, p
     return pareto_filter_nd(merged, ["score", a, b])
 
 
+def main_resource(limits: Mapping[str, float]) -> str:
+    """The resource a frontier is drawn for: latency (a latency column of any phase), else size, else BOPs."""
+    latency = [c for c in limits if c == "latency_ms" or c.startswith("latency_ms@") or c.endswith("_ms")]
+    return latency[0] if latency else next((r for r in ("size_mb", "bops") if r in limits), "size_mb")
+
+
 def pareto_allocate(table: pd.DataFrame, limits: Mapping[str, float] | None = None,
                     fixed: Mapping[str, float] | None = None, points: int = 50, backend: str = "highs",
                     objective: str | Mapping[str, float] = "score", secondary: str | None = None,
-                    slack: float = 0.0, allowed=None, pinned=None, min_bits=None, **_) -> Allocation:
+                    slack: float = 0.0, allowed=None, pinned=None, min_bits=None,
+                    caps: Mapping[str, float] | None = None) -> Allocation:
     """The solver form: the exact frontier of the budget's main resource (latency, else size, else BOPs) within the
-    other limits (attached as ``.frontier``), and on it the exact optimum at the budget itself, which is chosen
-    (the frontier's own points may straddle the budget)."""
+    other limits and the caps (attached as ``.frontier``), and on it the exact optimum at the budget itself, which is
+    chosen (the frontier's own points may straddle the budget)."""
     t0 = time.perf_counter()
-    limits, fixed = finite_limits(limits), dict(fixed or {})
+    limits, caps, fixed = finite_limits(limits), finite_limits(caps), dict(fixed or {})
     table = restrict(table, allowed, pinned, min_bits)
-    resource = next((r for r in ("latency_ms", "size_mb", "bops") if r in limits), "size_mb")
-    frontier, complete = pareto_frontier(table, resource, fixed, limits, points, objective, backend)
+    resource = main_resource(limits)
+    # caps are further rows for the walk, like the other limits; the resource's own limit is the walk's end
+    frontier, complete = pareto_frontier(table, resource, fixed, {**caps, **limits}, points, objective, backend)
     at_budget = ilp_allocate(table, limits, fixed, backend=backend, objective=objective, secondary=secondary,
-                             slack=slack)
+                             slack=slack, caps=caps)
     chosen = dict(at_budget.choice)
     frontier = pd.concat([frontier, _frame([_row(table, chosen, fixed, resource, limits.get(resource), True,
                                                  "ilp-at-budget")])], ignore_index=True).drop_duplicates("choice")
@@ -254,3 +268,23 @@ def pareto_allocate(table: pd.DataFrame, limits: Mapping[str, float] | None = No
                              "complete": complete, "exact_points": int(frontier["exact"].sum()),
                              "optimal_score": score},
                       frontier=frontier)
+
+
+@register_solver
+class ParetoSolver(Solver):
+    """:func:`pareto_allocate`: the exact frontier of the main resource, and the ILP optimum at the budget."""
+
+    name = "pareto"
+    honours = frozenset(CONSTRAINTS)
+    exact = True
+
+    def __init__(self, points: int = 50, backend: str = "highs"):
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown ILP backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if not isinstance(points, int) or points < 1:
+            raise ConfigError(f"points {points!r} must be a positive whole number")
+        self.points, self.backend = points, backend
+
+    def solve(self, p: Problem) -> Allocation:
+        return pareto_allocate(p.table, p.limits, p.fixed, self.points, self.backend, p.objective, p.secondary,
+                               p.slack, p.allowed, p.pinned, p.min_bits, p.caps)

@@ -13,6 +13,8 @@ import torch
 
 import mpq
 from mpq.artifacts import read_run
+
+from conftest import between_fastest_and_float
 from mpq.config import BitConfig
 
 QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=5, progress=False,
@@ -94,6 +96,37 @@ def test_dashboard_holds_the_data(digits_run):
     assert list(bars["y"]) == list(result.layers["layer"]) and list(bars["text"]) == list(result.layers["option"])
 
 
+def test_study_solves_other_budgets_from_the_run(digits_run):
+    """The search's run directory holds its study: any budget solves from it without the model, in seconds; the
+    search's own budget gives the search's own config, and every exact frontier point is the optimum at its cost."""
+    result, out, _ = digits_run
+    study = mpq.load_study(out)
+    again = study.solve("size=0.3")
+    assert again.config == result.config and math.isnan(again.measured["latency_ms"])
+    for budget in ("size=0.25", "size=0.5", "bops_ratio=0.2"):
+        r = study.solve(budget)
+        for col, lim in r.info["limits"].items():
+            if not math.isinf(lim):
+                assert r.row("chosen")[{"size_mb": "size_mb", "bops": "bops", "latency_ms":
+                                        "latency_predicted_ms"}[col]] <= lim * (1 + 1e-9)
+    front = study.frontier("size_mb")
+    for point in front.itertuples():
+        r = study.solve(f"size_mb={point.size_mb * (1 + 1e-9)!r}", tie_tolerance=0)
+        assert r.row("chosen")["score"] == pytest.approx(point.score, rel=1e-6, abs=1e-12)
+    with pytest.raises(mpq.ConfigError, match="needs the model"):
+        study.solve("size=0.3", evaluate=True)
+
+
+def test_resume_study_from_its_record(digits_task, digits_run):
+    """The options a study was made with are its resume record: resume_study runs it again with them."""
+    result, out, _ = digits_run
+    study = mpq.resume_study(out, digits_task.model, digits_task.calib, digits_task.eval_fn)
+    assert study.options.solve.frontier_points == QUICK["frontier_points"]
+    assert study.options.profile.repeats == QUICK["repeats"] and study.options.evaluate.metric == "top1"
+    assert study.sensitivity.cost.get("reused") is True
+    assert study.solve("size=0.3").config == result.config
+
+
 def test_resume_reuses_sensitivity(digits_task, digits_run):
     result, out, _ = digits_run
     again = mpq.search(digits_task.model, digits_task.calib, digits_task.eval_fn, budget="size=0.3", out=out,
@@ -113,17 +146,46 @@ def test_apply_chosen_config(digits_run, digits_task):
     assert digits_task.eval_fn(model) == pytest.approx(result.measured["metric"])
 
 
-def test_char_lm_latency_budget(lm_task, tmp_path):
-    result = mpq.search(lm_task.model, lm_task.calib[:2], lm_task.eval_fn, budget={"latency": 0.9}, out=tmp_path,
-                        metric="perplexity", higher_is_better=False, **QUICK)
+@pytest.fixture(scope="module")
+def lm_study(lm_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm-study")
+    return mpq.study(lm_task.model, lm_task.calib[:2], lm_task.eval_fn, out=out, metric="perplexity",
+                     higher_is_better=False, **QUICK), out
+
+
+def test_char_lm_latency_budget(lm_study, tmp_path):
+    study, _ = lm_study
+    limit = between_fastest_and_float(study)
+    result = study.solve(f"latency_ms={limit!r}", evaluate=True, out=tmp_path)
     chosen = result.row("chosen")
-    assert chosen["latency_predicted_ms"] <= result.info["limits"]["latency_ms"] + 1e-9
+    assert result.info["limits"]["latency_ms"] == pytest.approx(limit)
+    assert chosen["latency_predicted_ms"] <= limit + 1e-9
     assert result.info["kept_float"] == 4 * 2 + 1  # layer norms and the final norm (embeddings are quantizable)
     ppl_float = result.row("float")["metric_real"]
     assert 2.0 < ppl_float < 5.0
     assert chosen["metric_real"] == pytest.approx(chosen["metric_fakequant"], rel=0.02)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["higher_is_better"] is False and run["metric"] == "perplexity"
+
+
+def test_study_latency_phases(lm_study):
+    """latency_ms@B, decode and prefill limits: each phase profiled at its own shape, its own cost column, met."""
+    study, _ = lm_study
+    study.limits("latency_ms@1=1e9,decode=1,prefill_ms@32=1e9")  # measures the three phases
+    for column in ("latency_ms@1", "decode_ms@1", "prefill_ms@32"):
+        assert column in study.table.columns and (study.table[column] > 0).all()
+    phases = study.costs.phases
+    assert phases["decode_ms@1"]["input"] == [1, 1] and phases["prefill_ms@32"]["input"] == [1, 32]
+    assert phases["latency_ms@1"]["input"][0] == 1
+    limit = between_fastest_and_float(study, "decode_ms@1")
+    result = study.solve(f"decode_ms={limit!r},size=0.6")
+    totals = result.summary.set_index("name").loc["chosen"]
+    assert totals["decode_ms@1_predicted"] <= limit + 1e-9
+    assert totals["size_mb"] <= 0.6 * study.costs.reference["size_mb"] + 1e-12
+    front = study.frontier("decode_ms@1")
+    assert front["decode_ms@1"].is_monotonic_increasing or front.sort_values("decode_ms@1")["score"] \
+        .is_monotonic_decreasing
+    assert set(result.frontier["swept"]) >= {"size_mb", "latency_ms", "decode_ms@1"}
 
 
 def test_search_restores_training_mode_and_needs_no_eval_fn(tmp_path):

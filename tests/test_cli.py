@@ -114,3 +114,26 @@ def test_device_arguments():
     assert _devices(argparse.Namespace(device=["cpu", "cuda:h100"])) == ["cpu", "cuda:h100"]
     with pytest.raises(SystemExit, match="one --device at a time"):
         _one_device(argparse.Namespace(device=["cpu", "cuda:h100"], cmd="profile"))
+
+
+def test_solve_another_budget_on_a_finished_run(cli_run, tmp_path):
+    out, _ = cli_run
+    proc = mpq_cli("-q", "solve", str(out), "--budget", "size=0.2", "--out", str(tmp_path / "s"))
+    assert "chosen:" in proc.stdout and "not measured" in proc.stdout
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["budget_text"] == "size=0.2" and run["evaluated"] is False
+    assert run["summary"][1]["size_mb"] <= run["limits"]["size_mb"] + 1e-12
+    assert (tmp_path / "s" / "dashboard.html").exists() and (tmp_path / "s" / "report.md").exists()
+    proc = mpq_cli("solve", str(out), "--budget", "size=0.2", "--solver", "greedy", "--solver-options",
+                   '{"secondary": "latency_ms"}', check=False)
+    assert proc.returncode == 2 and "does not honour secondary" in proc.stderr
+
+
+def test_help_lists_every_command_and_defaults_come_from_the_options():
+    from mpq.options import ProfileOptions, SolveOptions
+
+    top = mpq_cli("--help").stdout
+    assert all(c in top for c in ("search", "solve", "profile", "apply", "dashboard", "sensitivity-report"))
+    search = " ".join(mpq_cli("search", "--help").stdout.split())
+    assert f"(default {SolveOptions().frontier_points})" in search and f"(default {ProfileOptions().repeats})" in search
+    assert "{exhaustive,greedy,ilp,optuna,pareto}" in search

@@ -11,6 +11,7 @@ from torch import nn
 
 from mpq.config import FLOAT, BitConfig, LayerBits
 from mpq.errors import ConfigError
+from mpq.space import validate_config
 
 bits_strategy = st.one_of(
     st.just(FLOAT),
@@ -107,26 +108,26 @@ class _Net(nn.Module):
 
 def test_validate_names_missing_layer():
     with pytest.raises(ConfigError) as e:
-        BitConfig({"fc9": "w8a8"}).validate(_Net())
+        validate_config(BitConfig({"fc9": "w8a8"}), _Net())
     msg = str(e.value)
     assert "'fc9'" in msg and "lacks" in msg and "fc" in msg
 
 
 def test_validate_names_non_quantizable_layer():
     with pytest.raises(ConfigError) as e:
-        BitConfig({"norm": "w8a8"}).validate(_Net())
+        validate_config(BitConfig({"norm": "w8a8"}), _Net())
     assert "'norm'" in str(e.value) and "LayerNorm" in str(e.value) and "cannot quantize" in str(e.value)
 
 
 def test_validate_bits_without_kernel():
     with pytest.raises(ConfigError) as e:
-        BitConfig({"fc": "w3a16"}).validate(_Net(), device="cpu")
+        validate_config(BitConfig({"fc": "w3a16"}), _Net(), device="cpu")
     msg = str(e.value)
     assert "'fc'" in msg and "w3a16" in msg and "allowed" in msg and "w8a8" in msg and "w4a16g32" in msg
 
 
 def test_validate_depthwise_conv_only_int8():
     with pytest.raises(ConfigError) as e:
-        BitConfig({"dw": "w4a16g32"}).validate(_Net())
+        validate_config(BitConfig({"dw": "w4a16g32"}), _Net())
     assert "allowed: float, w8a8" in str(e.value)
-    BitConfig({"dw": "w8a8", "fc": "w4a16g64"}).validate(_Net())
+    validate_config(BitConfig({"dw": "w8a8", "fc": "w4a16g64"}), _Net())

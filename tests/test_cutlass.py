@@ -253,11 +253,15 @@ def test_w4a16_apply_matches_fakequant(option, tokens):
 def test_gpu_search_space_offers_exactly_the_kernels_options():
     from mpq.layers import discover_layers
 
+    from mpq.kernels.cuda_lowbit import lowbit_options, lowbit_ready
+
     model = nn.Sequential(nn.Linear(4096, 4096), nn.Linear(4096, 100), nn.Linear(100, 48)).cuda()
     inv = discover_layers(model, torch.randn(2, 4096, device="cuda"))
     space = mpq.build_search_space(inv, "cuda")
     names = {layer: {b.name for b in opts} for layer, opts in space.options.items()}
-    assert names["0"] == {"float", "w8a8", "w4a16g32", "w4a16g64", "w4a16g128", "fp8"}
+    lowbit = {b.name for b in lowbit_options(inv["0"])} if lowbit_ready() else set()
+    assert "w3a16g64sym" in lowbit or not lowbit_ready()
+    assert names["0"] == {"float", "w8a8", "w4a16g32", "w4a16g64", "w4a16g128", "fp8"} | lowbit
     assert "w4a16g64" not in names["1"] and "w8a8" not in names["1"]  # N=100: not a multiple of 8 (or 16 for FP8)
     assert "w8a8" not in names["2"]  # K=100 is not a multiple of 16
     # group 32 runs on the decode kernel only: n a multiple of 16 and k of 128
@@ -265,3 +269,25 @@ def test_gpu_search_space_offers_exactly_the_kernels_options():
     space = mpq.build_search_space(discover_layers(model, torch.randn(2, 4096, device="cuda")), "cuda")
     assert {b.name for b in space.options["0"]} >= {"w4a16g64", "w4a16g128"}
     assert "w4a16g32" not in {b.name for b in space.options["0"]} | {b.name for b in space.options["1"]}
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_every_gpu_option_costs_the_bytes_its_module_holds():
+    """The cost table's size of every option the CUDA search space offers equals the state-dict bytes of the
+    module apply installs for it (padding, scales and bias included)."""
+    from mpq.costs import layer_size_bytes
+    from mpq.kernel_registry import kernel_for
+    from mpq.kernels.gemm import state_bytes
+    from mpq.layers import discover_layers
+
+    model = nn.Sequential(nn.Linear(4096, 1040), nn.Linear(1040, 264, bias=False), nn.Linear(264, 48)).cuda()
+    inv = discover_layers(model, torch.randn(2, 4096, device="cuda"))
+    space = mpq.build_search_space(inv, "cuda")
+    for layer in inv:
+        for bits in space[layer.name]:
+            if bits.is_float:
+                continue
+            kernel = kernel_for(layer, bits, "cuda")
+            module = kernel.quantize_module(model.get_submodule(layer.name), layer, bits)
+            assert state_bytes(module) == layer_size_bytes(layer, bits, "cuda"), (layer.name, bits.name)

@@ -19,7 +19,8 @@ from mpq.config import BitConfig
 from mpq.layers import discover_layers
 from mpq.sensitivity import (SensitivityEstimator, SensitivityResult, available_estimators, entropy_drop,
                              get_estimator, histogram_entropy, layer_relevance, register_estimator)
-from mpq.sensitivity.base import ScoreError, _REGISTRY
+from mpq.plugins import ESTIMATORS
+from mpq.sensitivity.base import ScoreError
 from mpq.sensitivity.hessian import top_eigenvalues
 from mpq.sensitivity.judge import judge_estimators, random_configs
 from mpq.space import build_search_space
@@ -122,7 +123,9 @@ def test_measured_equals_hand_computed_delta():
 def test_measured_and_decoupled_on_ray(digits_setup, ray_cluster):
     model, calib, inv, space = digits_setup
     local = get_estimator("decoupled", backend="inprocess").run(model, calib, space, inv, progress=False)
-    remote = get_estimator("decoupled", backend="ray").run(model, calib, space, inv, progress=False)
+    from mpq.workers.cluster import map_with_shared
+
+    remote = get_estimator("decoupled", map_with_shared, backend="ray").run(model, calib, space, inv, progress=False)
     pd.testing.assert_frame_equal(local.scores, remote.scores, rtol=1e-5, atol=1e-8)
     assert set(remote.tables) == {"loss", "kl", "feature"}
 
@@ -174,7 +177,7 @@ def test_non_finite_scores_rejected(digits_setup):
             get_estimator("broken_for_test").run(model, calib, space, inv, progress=False)
         assert "'conv2'" in str(e.value) and "nan" in str(e.value)
     finally:
-        _REGISTRY.pop("broken_for_test")
+        ESTIMATORS.remove("broken_for_test")
 
 
 def test_top_eigenvalue_matches_exact():

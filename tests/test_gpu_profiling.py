@@ -1,5 +1,6 @@
 """Latency profiling on CUDA (marked ``gpu``): CUDA-event timings replayed from CUDA graphs with L2 flushed, a
-fallback for what cannot be captured, the profiler's table and the GPU fingerprint. On CPU: the GPU index mapping."""
+fallback for what cannot be captured, the profiler's table in eager and graph mode, whole models in the target's
+mode and the GPU fingerprint. On CPU: the GPU index mapping and the fingerprint's nvidia-smi fallback."""
 
 import pytest
 import torch
@@ -57,13 +58,41 @@ def test_profiler_on_cuda_records_the_gpu():
     inventory = discover_layers(model, x)
     space = build_search_space(inventory, "cuda")
     workloads, _ = workloads_for(inventory, space)
-    table = profile_workloads(workloads, "cuda", backend="inprocess", repeats=7)
-    assert len(table) == len({w.key for w in workloads}) and (table.frame["median_ms"] > 0).all()
-    assert (table.frame["inner"] == 1).all()  # one call per CUDA-event sample
+    graph = profile_workloads(workloads, "cuda-graph", backend="inprocess", repeats=7, cache=False)
+    assert len(graph) == len({w.key for w in workloads}) and (graph.frame["median_ms"] > 0).all()
+    assert (graph.frame["inner"] == 1).all() and graph.mode == "graph"  # one replay per CUDA-event sample
+    eager = profile_workloads(workloads, "cuda", backend="inprocess", repeats=7, cache=False)
+    assert eager.mode == "eager" and eager.fingerprint_id != graph.fingerprint_id
+    assert (eager.frame["median_ms"] > 0).all() and (eager.frame["ref_ms"] > 0).all()
     fp = device_fingerprint("cuda")
-    assert table.fingerprint["name"] == torch.cuda.get_device_name()
+    assert graph.fingerprint["name"] == torch.cuda.get_device_name()
     assert fp["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
     assert {"driver", "max_sm_mhz", "l2_mib"} <= set(fp)
+
+
+@pytest.mark.gpu
+def test_whole_model_timed_in_the_targets_mode():
+    from torch import nn
+
+    from mpq.workers import measure_configs, time_models
+
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)]).cuda().eval()
+    x = torch.randn(1, 256, device="cuda")
+    graph = time_models({"m": model}, x, repeats=9, device="cuda", mode="graph")["m"]
+    eager = time_models({"m": model}, x, repeats=9, device="cuda", mode="eager")["m"]
+    assert graph.median_ms > 0 and eager.median_ms > 0  # both measured (which is faster is the benchmark's)
+    rows = measure_configs(lambda c: model, [{"0": "float"}], x, "cuda-graph", "seq8", cache=False, repeats=5)
+    assert rows[0]["median_ms"] > 0 and rows[0]["source"] == "measured"
+
+    def syncs(t):
+        return t * (t.sum() > 0).item()
+
+    class Syncing(nn.Module):
+        def forward(self, t):
+            return syncs(t)
+
+    with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
+        time_models({"sync": Syncing()}, x, repeats=3, device="cuda", mode="graph")
 
 
 @pytest.mark.gpu

@@ -132,24 +132,32 @@ def test_killed_search_resumes_without_measuring_again(tmp_path):
            "--out", str(run), "--profile", "inprocess", "--repeats", "30", "--frontier-points", "3"]
     proc = subprocess.Popen(cmd, env=env)
     db = tmp_path / "cache" / "profiles.sqlite"
-    deadline, done_before = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "scores.csv").exists() and db.exists():
-            done_before = ProfileCache(db).count()
-            if done_before >= 1:
-                proc.send_signal(signal.SIGKILL)  # the driver dies mid-profile
-                break
-        time.sleep(0.05)
-    proc.wait(60)
+    # generous bounds: on a machine shared with other jobs a search may take many minutes to reach profiling
+    deadline, done_before = time.time() + 3600, 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "scores.csv").exists() and db.exists():
+                done_before = ProfileCache(db).count()
+                if done_before >= 1:
+                    proc.send_signal(signal.SIGKILL)  # the driver dies mid-profile
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and not done_before:
+            proc.kill()
+        proc.wait()
     assert done_before >= 1 and not (run / "run.json").exists(), "the search was not interrupted mid-profile"
     rc = subprocess.run([sys.executable, "-m", "mpq.cli", "-q", "search", "--resume", str(run)], env=env,
-                        timeout=600).returncode
+                        timeout=7200).returncode
     assert rc == 0
     info = json.loads((run / "run.json").read_text())
     assert info["sensitivity_cost"].get("reused") is True  # no sensitivity recomputed
     prof = info["profile"]
-    assert prof["cache_hits"] >= done_before and prof["measured"] + prof["cache_hits"] == prof["workloads"]
-    assert prof["measured"] < prof["workloads"]
+    assert prof["measured"] + prof["cache_hits"] == prof["workloads"]
+    # every row finished before the kill is reused, unless a better measurement could be made on resume (it was
+    # taken on a busier machine than the resumed run found, or under load that has gone since): never lost
+    assert prof["cache_hits"] + prof["remeasured_stale"] + prof["remeasured_untrusted"] >= done_before
+    assert prof["measured"] < prof["workloads"] or prof["remeasured_stale"] + prof["remeasured_untrusted"] > 0
 
 
 @pytest.mark.parametrize("backend", ["inprocess", pytest.param("ray", marks=pytest.mark.ray)])

@@ -100,8 +100,10 @@ def test_pareto_filter():
 
 
 def test_solver_registry():
-    assert get_solver("ilp") is ilp_allocate
-    with pytest.raises(ConfigError, match="unknown solver 'x'; available: ilp, exhaustive"):
+    table = random_table(np.random.default_rng(4), 3, 3)
+    limits = {"size_mb": float(table.groupby("layer")["size_mb"].mean().sum())}
+    assert get_solver("ilp")(table, limits).choice == ilp_allocate(table, limits).choice
+    with pytest.raises(ConfigError, match="unknown solver 'x'; available: .*ilp"):
         get_solver("x")
 
 
@@ -314,12 +316,104 @@ def test_optuna_resumes_without_repeating_trials(tmp_path):
     warm = ilp_allocate(table, limits).choice
     first = optuna_allocate(table, limits, n_trials=12, storage=storage, warm_start=[warm])
     assert first.stats["trials"] == 12 and not first.stats["resumed"]
-    study = optuna.load_study(study_name="mpq", storage=f"sqlite:///{storage}")
+    study = optuna.load_study(study_name=first.stats["study"], storage=f"sqlite:///{storage}")
     before = [(t.number, t.params) for t in study.trials]
     assert before[0][1] == warm  # the ILP solution was tried first
     second = optuna_allocate(table, limits, n_trials=25, storage=storage)
     assert second.stats["resumed"] and second.stats["new_trials"] == 13 and second.stats["trials"] == 25
-    after = optuna.load_study(study_name="mpq", storage=f"sqlite:///{storage}").trials
+    after = optuna.load_study(study_name=second.stats["study"], storage=f"sqlite:///{storage}").trials
     assert [(t.number, t.params) for t in after[:12]] == before
     assert second.costs["size_mb"] <= limits["size_mb"] * (1 + 1e-9)
     assert second.score >= ilp_allocate(table, limits).score - 1e-9
+
+
+# --- solver status at a time limit (issue 21, item 9) ----------------------------------------------------------------
+def _limit_instance():
+    table = random_table(np.random.default_rng(11), 6, 4)
+    lo, hi = smallest_reachable(table)["size_mb"], float(table.groupby("layer")["size_mb"].max().sum())
+    return table, {"size_mb": lo + 0.4 * (hi - lo)}
+
+
+def _feasible(table, alloc, limits):
+    picked = table.set_index(["layer", "option"]).loc[list(alloc.choice.items())]
+    return all(picked[c].sum() <= lim * (1 + 1e-9) for c, lim in limits.items())
+
+
+def test_highs_at_its_time_limit_returns_the_incumbent_or_says_why(monkeypatch):
+    """HiGHS reports status 1 when it stops at its time limit: the incumbent, if any, comes back marked
+    ``time_limit`` (it used to raise "status 1"); without one, a BudgetError says so and what to do."""
+    import scipy.optimize
+
+    from mpq.solvers.ilp import TimeLimitWithoutSolution
+
+    table, limits = _limit_instance()
+    real = scipy.optimize.milp
+
+    def stopped(c, with_incumbent):
+        def milp(*args, **kwargs):
+            res = real(*args, **kwargs)
+            res.status, res.message = 1, "Time limit reached"
+            if not with_incumbent:
+                res.x = None
+            return res
+        return milp
+
+    monkeypatch.setattr(scipy.optimize, "milp", stopped(None, True))
+    alloc = ilp_allocate(table, limits, backend="highs", time_limit=1.0)
+    assert alloc.status == "time_limit" and _feasible(table, alloc, limits)
+    monkeypatch.setattr(scipy.optimize, "milp", stopped(None, False))
+    with pytest.raises(TimeLimitWithoutSolution, match="HiGHS stopped at its time limit of 1 s before it found any"):
+        ilp_allocate(table, limits, backend="highs", time_limit=1.0)
+    monkeypatch.setattr(scipy.optimize, "milp", real)
+    assert ilp_allocate(table, limits, backend="highs", time_limit=60.0).status == "optimal"
+
+
+def test_cbc_at_its_time_limit_is_not_called_optimal(monkeypatch):
+    """PuLP says "Optimal" for a CBC run stopped at its time limit with an incumbent (its solution status is
+    LpSolutionIntegerFeasible, as a real run on a 3200-binary instance with timeLimit=2 showed): that is now status
+    ``time_limit``; a run stopped without one ("Not Solved") is a BudgetError that says so."""
+    import pulp
+
+    from mpq.solvers.ilp import TimeLimitWithoutSolution
+
+    table, limits = _limit_instance()
+    real = pulp.LpProblem.solve
+
+    def with_incumbent(self, *args, **kwargs):
+        status = real(self, *args, **kwargs)
+        self.sol_status = pulp.LpSolutionIntegerFeasible
+        return status
+
+    def without(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.status, self.sol_status = pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound
+        return self.status
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", with_incumbent)
+    alloc = ilp_allocate(table, limits, backend="cbc", time_limit=1.0)
+    assert alloc.status == "time_limit" and _feasible(table, alloc, limits)
+    monkeypatch.setattr(pulp.LpProblem, "solve", without)
+    with pytest.raises(TimeLimitWithoutSolution, match="CBC stopped at its time limit of 1 s"):
+        ilp_allocate(table, limits, backend="cbc", time_limit=1.0)
+    monkeypatch.setattr(pulp.LpProblem, "solve", real)
+    assert ilp_allocate(table, limits, backend="cbc", time_limit=60.0).status == "optimal"
+
+
+@pytest.mark.parametrize("solver", ["greedy", "optuna", "pareto"])
+def test_solvers_no_longer_drop_constraints(solver):
+    """greedy, optuna and pareto silently dropped caps (and greedy/optuna the tie-break): now each honours a
+    constraint (the result meets it) or refuses it."""
+    if solver == "optuna":
+        pytest.importorskip("optuna")
+    table = tied_table(np.random.default_rng(2), 4, 4)
+    caps = {"aux": float(table.groupby("layer")["aux"].min().sum() + 0.5)}
+    hi = float(table.groupby("layer")["size_mb"].max().sum())
+    opts = {"n_trials": 200} if solver == "optuna" else {}
+    alloc = get_solver(solver)(table, {"size_mb": hi}, caps=caps, **opts)
+    picked = table.set_index(["layer", "option"]).loc[list(alloc.choice.items())]
+    assert picked["aux"].sum() <= caps["aux"] + 1e-9
+    if solver == "greedy":
+        with pytest.raises(ConfigError, match="does not honour secondary"):
+            get_solver(solver)(table, {"size_mb": hi}, secondary="latency_ms", slack=0.1)
+    with pytest.raises(ConfigError, match=f"solver '{solver}' has no option 'bogus'"):
+        get_solver(solver)(table, {"size_mb": hi}, bogus=1)

@@ -46,10 +46,23 @@ class DeviceUnavailableError(MpqError, RuntimeError):
     """No node of the Ray cluster offers the requested kind of device (any more)."""
 
 
+class WorkerLostError(MpqError, RuntimeError):
+    """Ray workers kept dying: more restarts than allowed."""
+
+
+class WorkerTimeoutError(MpqError, TimeoutError):
+    """A Ray worker did not return a result within the allowed time."""
+
+
 def ensure_ray(address: str | None = None, **init_options: Any):
-    """Connect to ``address`` (or ``RAY_ADDRESS``); with neither, start a local cluster for this process that binds
-    only to 127.0.0.1, runs no dashboard and declares this machine's CPU (and GPUs) as mpq device resources
-    (``init_options``, e.g. ``num_cpus``, go to ``ray.init``)."""
+    """Connect to ``address`` (or ``RAY_ADDRESS``); with neither, start a private local cluster for this process
+    that binds only to 127.0.0.1, runs no dashboard and declares this machine's CPU (and GPUs) as mpq device
+    resources (``init_options``, e.g. ``num_cpus``, go to ``ray.init``).
+
+    A cluster that someone started on this machine with ``ray start`` is not joined unless named: Ray would attach
+    to it by default, and then cannot declare mpq's resources ("When connecting to an existing cluster, resources
+    must not be provided"); its nodes would also run mpq's measurements next to their own work. mpq starts its own
+    and says how to use the other one (``address='auto'`` or its host:port)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         _bind_to_localhost()
@@ -69,9 +82,27 @@ def ensure_ray(address: str | None = None, **init_options: Any):
     resources = {Target.parse("cpu").resource: 1}
     if torch.cuda.is_available():
         resources[Target.parse("cuda").resource] = torch.cuda.device_count()
-    ray.init(**{"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
-                "resources": resources, **init_options})
+    existing = _existing_local_cluster()
+    if existing:
+        log.info("a Ray cluster already runs on this machine (%s); mpq starts a private one for this process (to "
+                 "profile on that cluster instead, pass address='auto' or --address %s)", existing, existing)
+    ray.init(**{"address": "local", "include_dashboard": False, "log_to_driver": False,
+                "logging_level": logging.WARNING, "resources": resources, **init_options})
     return ray
+
+
+def _existing_local_cluster() -> str | None:
+    """The address of the cluster ``ray start`` last started on this machine, if its file is there."""
+    try:
+        from ray._common.utils import get_ray_address_file
+    except ImportError:  # pragma: no cover - older Ray
+        return None
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -169,8 +200,8 @@ def _slot_resource(target: Target, options: dict[str, Any]) -> str:
 class ProfilerWorker:
     """One device slot's profiler: set up once (threads, CUDA context), then measures chunk after chunk."""
 
-    def __init__(self, device: str, threads: int):
-        self.device, self.threads = device, threads
+    def __init__(self, device: str, threads: int, mode: str = "eager"):
+        self.device, self.threads, self.mode = device, threads, mode
         torch.set_num_threads(threads)
         if device == "cuda":
             torch.zeros(1, device="cuda")  # create the context now, not inside the first measurement
@@ -180,11 +211,17 @@ class ProfilerWorker:
 
         return {"node": _node_name(), "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "fingerprint": fingerprint_with_threads(self.device, self.threads)}
+                "fingerprint": fingerprint_with_threads(self.device, self.threads, self.mode)}
+
+    def conditions(self, policy: Any = None) -> dict[str, Any]:
+        from mpq.workers.profiler import conditions_with_threads
+
+        return conditions_with_threads(self.device, self.threads, policy)
 
     def measure(self, workloads: list, **settings: Any) -> dict[str, Any]:
         from mpq.workers.profiler import measure_workloads
 
+        settings = {**settings, "mode": settings.get("mode", self.mode)}
         result = measure_workloads(workloads, self.device, self.threads, measured_by=_node_name(), **settings)
         return {**result, "node": _node_name()}
 
@@ -204,12 +241,15 @@ class ProfilerPool:
     """Profiler actors for one target; ``run`` schedules chunks over them and survives dying actors and nodes."""
 
     def __init__(self, target: Target | str, threads: int, address: str | None = None, workers: int | None = None,
-                 poll_s: float = 1.0):
+                 poll_s: float = 1.0, policy: Any = None, max_restarts: int | None = None):
         self.target = Target.parse(target)
         self.threads = threads
+        self.policy = policy
         self.ray = ensure_ray(address)
         self.options, slots = _placement(self.target, threads, self.ray)
         self.max_actors = max(1, min(slots, workers or slots))
+        # a chunk that kills every actor it lands on (a crashing kernel) must end, not loop
+        self.max_restarts = 3 + 2 * self.max_actors if max_restarts is None else max_restarts
         self.poll_s = poll_s
         self._cls = self.ray.remote(**self.options)(ProfilerWorker)
         self.ready: dict[Any, dict] = {}  # actor -> its info()
@@ -235,7 +275,7 @@ class ProfilerPool:
         # named, so an operator (or a test) can find the profilers with ray.util.list_named_actors()
         self._spawned += 1
         actor = self._cls.options(name=f"mpq-profiler-{self.target.slug}-{self._id}-{self._spawned}").remote(
-            self.target.device, self.threads)
+            self.target.device, self.threads, self.target.mode)
         self.starting[actor.info.remote()] = actor
 
     def _slots_now(self) -> int:
@@ -258,10 +298,17 @@ class ProfilerPool:
             self._lost(actor)
             return None
 
-    def _lost(self, actor) -> None:
-        """Drop a dead actor and start another in its place if there is room."""
+    def _lost(self, actor, chunk: list | None = None) -> None:
+        """Drop a dead actor and start another in its place if there is room (at most ``max_restarts`` times)."""
         self.ready.pop(actor, None)
         self.restarts += 1
+        if self.restarts > self.max_restarts:
+            what = "" if not chunk else (f"; the last one was measuring {len(chunk)} workloads, the first "
+                                         f"{getattr(chunk[0], 'kind', '?')} {getattr(chunk[0], 'option', '')} "
+                                         f"weight {getattr(chunk[0], 'weight_shape', '?')}")
+            raise WorkerLostError(
+                f"{self.restarts} {self.target.spec} profilers died (at most {self.max_restarts} restarts are "
+                f"allowed){what}; every finished measurement is in the profile cache")
         self._refill()
 
     def _refill(self) -> None:
@@ -284,6 +331,12 @@ class ProfilerPool:
             if time.monotonic() > deadline:
                 raise DeviceUnavailableError(f"no profiler for {self.target.name!r} started in {timeout_s:g} s")
         return next(iter(self.ready.values()))["fingerprint"]
+
+    def conditions(self) -> dict[str, Any]:
+        """The reference workload's speed and the load on the first ready actor's node now."""
+        self.fingerprint()
+        actor = next(iter(self.ready))
+        return self.ray.get(actor.conditions.remote(self.policy))
 
     def run(self, chunks: list[list], settings: dict[str, Any], collect: Callable[[dict], None]) -> None:
         """Measure every chunk on some actor; ``collect`` gets each result as it arrives."""
@@ -320,7 +373,7 @@ class ProfilerPool:
                     log.warning("the %s profiler on %s died (%s); its %d workloads go back to the queue",
                                 self.target.name, node, type(e).__name__, len(chunk))
                     queue.appendleft(chunk)
-                    self._lost(actor)
+                    self._lost(actor, chunk)
                     if not self.ready and not self.starting:
                         self._check_device(sum(map(len, queue)))
                     continue
@@ -375,42 +428,91 @@ class _Holder:
     def call(self, item: Any) -> Any:
         return self.fn(self.state, item)
 
+    def ready(self) -> bool:
+        return True
+
 
 def map_with_shared(fn: Callable[[Any, Any], Any], shared: Any, items: list, workers: int | None = None,
                     address: str | None = None, setup: Callable[[Any], Any] | None = None,
-                    on_result: Callable[[int, Any], None] | None = None) -> list:
+                    on_result: Callable[[int, Any], None] | None = None, max_restarts: int | None = None,
+                    item_timeout_s: float | None = 3600.0, startup_timeout_s: float = 600.0) -> list:
     """``[fn(state, item) for item in items]`` on Ray actors (one CPU each) that each hold one copy of ``shared``,
     put in the object store once (a model, its data, an evaluator); an actor's ``state`` is ``setup(shared)``, built
-    once per actor, or ``shared`` itself. ``on_result(i, value)`` hears of each result as it arrives. An actor that
-    dies gives its item back to the queue and is replaced; an exception raised by ``fn`` propagates."""
+    once per actor, or ``shared`` itself. ``on_result(i, value)`` hears of each result as it arrives. An exception
+    raised by ``fn`` propagates.
+
+    An actor that dies gives its item back to the queue and is replaced, at most ``max_restarts`` times in all
+    (default: twice the number of actors, at least 3): then :class:`WorkerLostError` names the item it was on. An
+    item that takes longer than ``item_timeout_s`` (counted once its actor is up; None waits for ever) ends the map
+    with :class:`WorkerTimeoutError` naming it, as does an actor that is not up within ``startup_timeout_s``.
+    Either way the results that arrived went to ``on_result``."""
     if not items:
         return []
     ray = ensure_ray(address)
     n = max(1, min(workers or int(ray.available_resources().get("CPU", 1)), len(items)))
+    limit = max(3, 2 * n) if max_restarts is None else max_restarts
     shared_ref = ray.put(shared)
     cls = ray.remote(num_cpus=1)(_Holder)
-    actors = [cls.remote(fn, shared_ref, setup) for _ in range(n)]
-    queue, running, results = deque(range(len(items))), {}, {}
+    name = getattr(fn, "__name__", repr(fn))
+    actors: list = []
+
+    def started(count: int) -> list:
+        """``count`` new actors, once each is up (its ``setup`` done), so that item time is the item's own."""
+        new = [cls.remote(fn, shared_ref, setup) for _ in range(count)]
+        actors.extend(new)  # killed in the end whatever happens
+        pending = {a.ready.remote(): a for a in new}
+        deadline = time.monotonic() + startup_timeout_s
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+            for ref in done:
+                pending.pop(ref)
+                ray.get(ref)  # a setup that raised propagates its error
+            if pending and time.monotonic() > deadline:
+                raise WorkerTimeoutError(f"map_with_shared({name}): {len(pending)} Ray workers did not start "
+                                         f"within {startup_timeout_s:g} s")
+        for a in new:
+            actors.remove(a)
+        return new
+
+    queue, running, results, restarts = deque(range(len(items))), {}, {}, 0
+    idle: list = []
     try:
+        idle = started(n)
         while queue or running:
-            while queue and actors:
-                actor, i = actors.pop(), queue.popleft()
-                running[actor.call.remote(items[i])] = (actor, i)
-            done, _ = ray.wait(list(running), num_returns=1)
-            actor, i = running.pop(done[0])
+            while queue and idle:
+                actor, i = idle.pop(), queue.popleft()
+                running[actor.call.remote(items[i])] = (actor, i, time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if not done:
+                if item_timeout_s is not None:
+                    for _, i, since in running.values():
+                        if time.monotonic() - since > item_timeout_s:
+                            raise WorkerTimeoutError(
+                                f"map_with_shared({name}): item {i} ran for more than {item_timeout_s:g} s on a Ray "
+                                f"worker without returning; {len(results)} of {len(items)} items had finished")
+                continue
+            actor, i, _ = running.pop(done[0])
             try:
                 results[i] = ray.get(done[0])
-            except ray.exceptions.RayActorError:
-                log.warning("a Ray worker died; its item goes back to the queue")
+            except ray.exceptions.RayActorError as e:
+                restarts += 1
+                if restarts > limit:
+                    raise WorkerLostError(
+                        f"map_with_shared({name}): {restarts} Ray workers died (at most {limit} restarts are "
+                        f"allowed), the last one on item {i} ({type(e).__name__}); {len(results)} of {len(items)} "
+                        f"items had finished") from None
+                log.warning("a Ray worker died on item %d (%d of %d restarts); the item goes back to the queue", i,
+                            restarts, limit)
+                ray.kill(actor)
                 queue.appendleft(i)
-                actor = cls.remote(fn, shared_ref, setup)
+                actor = started(1)[0]
             except ray.exceptions.RayTaskError as e:
                 raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
             else:
                 if on_result is not None:
                     on_result(i, results[i])
-            actors.append(actor)
+            idle.append(actor)
     finally:
-        for actor in [*actors, *(a for a, _ in running.values())]:
+        for actor in [*actors, *idle, *(a for a, _, _ in running.values())]:
             ray.kill(actor)
     return [results[i] for i in range(len(items))]

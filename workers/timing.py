@@ -1,24 +1,37 @@
-"""Timing: warm-up, repeats of enough calls to be measurable, median and spread.
+"""Timing: warm-up, repeats of enough calls to be measurable, median and spread, in the target's deployment mode.
+
+A layer workload is timed the way it runs inside the model (:func:`time_workload`): its weights are as cold as the
+rest of the model leaves them (calls rotate over copies of the module whose bytes add up to what the model touches
+between two calls of the layer, up to twice the last-level cache; see :func:`rotation_copies`), its input is warm
+(the previous layer just wrote it) and it runs on the threads the model runs on. The mode is the target's
+(:class:`mpq.target.Target`): ``eager`` times back-to-back calls as the host issues them (on a GPU that is
+whichever is slower, the launches or the kernels), ``graph`` replays CUDA graphs (:func:`time_cuda_graph`), and
+``compile`` runs what ``torch.compile`` made of the module or model.
 
 Several models compared with each other are timed in interleaved rounds (:func:`time_models`), so that the slow
-phases of a shared machine fall on all of them alike rather than on whichever ran during one. On a CUDA device a
-workload is timed with CUDA events around each call, L2 flushed before each sample and, where it can be captured,
-from a CUDA graph (:func:`time_cuda_callable`); whole models are timed as the host sees them (eager launches).
+phases of a shared machine fall on all of them alike rather than on whichever ran during one.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import logging
 import math
 import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
+
+MODES = ("eager", "graph", "compile")
+MAX_COPIES = 64  # weight copies per workload: memory stays bounded for tiny layers of huge models
 
 
 @dataclass(frozen=True)
@@ -144,28 +157,145 @@ def time_cuda_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15
         return TimingStats.from_samples([start.elapsed_time(end) for start, end in events], 1)
 
 
-def time_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
-                  device: str = "cpu") -> TimingStats:
-    """Per-call time of ``fn``: each of ``repeats`` samples times enough calls to last ``min_sample_ms`` (on a CUDA
-    device: :func:`time_cuda_callable`, one call per sample)."""
-    if device.startswith("cuda"):
-        return time_cuda_callable(fn, warmup, repeats)
+def time_cuda_graph(calls: Sequence[Callable[[], Any]], warmup: int = 3, repeats: int = 15) -> TimingStats:
+    """Per-call GPU time of replays of CUDA graphs of ``calls`` (copies of one workload, rotated over so that
+    their weights are cold).
+
+    SEAM (issue 18): ``mpq.workers.cuda_timing.time_graph(calls, warmup=, repeats=) -> TimingStats`` (the gpu
+    helper's timer: graphs over rotating weight copies larger than L2) times here once it exists. Until then one
+    copy is replayed per sample after L2 is evicted by reading (:func:`time_cuda_callable`): weights just as cold,
+    but a sample is one replay, so its fixed cost (~5 us on an H100) is not amortised."""
+    try:
+        from mpq.workers import cuda_timing  # written by the gpu helper
+    except ImportError:
+        cuda_timing = None
+    timer = getattr(cuda_timing, "time_graph", None)
+    if timer is not None:
+        return timer(list(calls), warmup=warmup, repeats=repeats)
+    return time_cuda_callable(calls[0], warmup, repeats, flush_l2=True, graph=True)
+
+
+def time_calls(calls: Sequence[Callable[[], Any]], warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
+               device: str = "cpu", mode: str = "eager") -> TimingStats:
+    """Per-call time of ``calls`` (interchangeable copies of one workload), each call going to the next copy.
+
+    ``eager`` and ``compile``: each of ``repeats`` samples times back-to-back calls lasting ``min_sample_ms`` on the
+    host clock (synchronised at the end of the sample on a GPU); ``graph``: :func:`time_cuda_graph`."""
+    if mode not in MODES:
+        raise ValueError(f"timing mode {mode!r} not supported: use one of {', '.join(MODES)}")
+    if mode == "graph":
+        if not device.startswith("cuda"):
+            raise ValueError(f"CUDA-graph timing needs a CUDA device, not {device!r}")
+        return time_cuda_graph(calls, warmup, repeats)
+    rotation = itertools.cycle(calls)
+
+    def fn() -> Any:
+        return next(rotation)()
+
     with torch.inference_mode():
-        inner = _calls_per_sample(fn, warmup, min_sample_ms, device)
+        inner = _calls_per_sample(fn, max(warmup, 1) * len(calls), min_sample_ms, device)
         return TimingStats.from_samples(_samples(fn, repeats, inner, device), inner)
+
+
+def time_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
+                  device: str = "cpu", mode: str = "eager") -> TimingStats:
+    """Per-call time of ``fn`` (see :func:`time_calls`)."""
+    return time_calls([fn], warmup, repeats, min_sample_ms, device, mode)
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's last-level data cache, from sysfs (32 MiB where it cannot be read)."""
+    level, size = 0, 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            lvl, kind = int((d / "level").read_text()), (d / "type").read_text().strip()
+            text = (d / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+        try:
+            n = int(text.rstrip("KMG")) * unit
+        except ValueError:
+            continue
+        if lvl > level:
+            level, size = lvl, n
+    return size or 32 * 2**20
+
+
+def device_cache_bytes(device: str) -> int:
+    """The cache that a layer's weights must overflow to be cold: the CPU's last level, or the GPU's L2."""
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return getattr(props, "L2_cache_size", 0) or 50 * 2**20
+    return last_level_cache_bytes()
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what one call reads besides its input)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def rotation_copies(weight_bytes: int, context_bytes: int, cache_bytes: int) -> int:
+    """How many copies of a layer to rotate over so that its weights are as cold as inside the model.
+
+    ``context_bytes`` is what the model reads between two calls of the layer (its other weights): at least the cache
+    means the layer's weights were evicted, so the copies add up to twice the cache; less means they stay in the
+    last level but not nearer, so the copies add up to ``context_bytes``. 0 (no context) times one copy."""
+    if weight_bytes <= 0 or context_bytes <= 0:
+        return 1
+    working = 2 * cache_bytes if context_bytes >= cache_bytes else context_bytes
+    return int(min(MAX_COPIES, max(1, math.ceil(working / weight_bytes))))
+
+
+def time_workload(module: torch.nn.Module, x: Any, device: str = "cpu", mode: str = "eager",
+                  context_bytes: int = 0, warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0
+                  ) -> tuple[TimingStats, int]:
+    """Per-call time of ``module(x)`` as it runs inside its model (cold weights by :func:`rotation_copies`, warm
+    input, this thread's intra-op threads, the target's ``mode``); returns the stats and the copies rotated over.
+    ``compile`` compiles one copy (each copy would be another compilation), so its weights are as warm as a loop of
+    one layer leaves them."""
+    copies = 1 if mode == "compile" else rotation_copies(module_bytes(module), context_bytes,
+                                                         device_cache_bytes(device))
+    modules = [module] + [copy.deepcopy(module) for _ in range(copies - 1)]
+    if mode == "compile":
+        modules = [torch.compile(module)]
+    calls = [functools.partial(m, x) for m in modules]
+    return time_calls(calls, warmup, repeats, min_sample_ms, device, mode), copies
+
+
+def model_caller(model: torch.nn.Module, inputs: Any, mode: str = "eager", name: str = "model") -> Callable[[], Any]:
+    """One forward pass of ``model`` on ``inputs`` the way the mode runs it: a Python call (``eager``), a replay of
+    the whole forward captured as a CUDA graph (``graph``), or the ``torch.compile``d model (``compile``)."""
+    from mpq.layers import call_model
+
+    if mode == "eager":
+        return lambda: call_model(model, inputs)
+    if mode == "compile":
+        compiled = torch.compile(model)
+        return lambda: call_model(compiled, inputs)
+    if mode != "graph":
+        raise ValueError(f"timing mode {mode!r} not supported: use one of {', '.join(MODES)}")
+    with torch.inference_mode():
+        replay = as_cuda_graph(lambda: call_model(model, inputs))
+    if replay is None:
+        raise ValueError(f"{name}: its forward pass cannot be captured as a CUDA graph (it synchronises or runs "
+                         f"on the CPU), so it cannot be deployed in graph mode; use the eager target 'cuda'")
+    return replay
 
 
 def time_models(models: Mapping[str, torch.nn.Module], inputs: Any, warmup: int = 3, repeats: int = 15,
                 rounds: int = 5, min_sample_ms: float = 1.0, threads: int | None = None,
-                device: str = "cpu") -> dict[str, TimingStats]:
-    """End-to-end forward latency of each model on ``inputs``, in ``rounds`` interleaved rounds of samples."""
-    from mpq.layers import call_model
-
-    fns = {name: (lambda m=m: call_model(m, inputs)) for name, m in models.items()}
+                device: str = "cpu", mode: str = "eager") -> dict[str, TimingStats]:
+    """End-to-end forward latency of each model on ``inputs`` in the deployment ``mode``, in ``rounds``
+    interleaved rounds of samples."""
     per_round = max(1, math.ceil(repeats / rounds))
     with num_threads(threads), torch.inference_mode():
         for m in models.values():
             m.eval()
+        fns = {name: model_caller(m, inputs, mode, name) for name, m in models.items()}
         inner = {name: _calls_per_sample(fn, warmup, min_sample_ms, device) for name, fn in fns.items()}
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
@@ -175,9 +305,9 @@ def time_models(models: Mapping[str, torch.nn.Module], inputs: Any, warmup: int 
 
 
 def time_model(model: torch.nn.Module, inputs: Any, warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,
-               threads: int | None = None, device: str = "cpu") -> TimingStats:
+               threads: int | None = None, device: str = "cpu", mode: str = "eager") -> TimingStats:
     """End-to-end forward latency of one model on ``inputs`` with ``threads`` intra-op threads."""
-    return time_models({"model": model}, inputs, warmup, repeats, 1, min_sample_ms, threads, device)["model"]
+    return time_models({"model": model}, inputs, warmup, repeats, 1, min_sample_ms, threads, device, mode)["model"]
 
 
 class _RecordedOutput(torch.nn.Module):
@@ -203,11 +333,9 @@ class _RecordedOutput(torch.nn.Module):
 
 def time_rest_of_model(model: torch.nn.Module, layer_names: list[str], inputs: Any, warmup: int = 3,
                        repeats: int = 15, min_sample_ms: float = 1.0, threads: int | None = None,
-                       device: str = "cpu") -> TimingStats:
-    """Latency of everything in the forward pass except the named layers (each replaced by its recorded output):
-    the fixed part of an additive latency model."""
-    import copy
-
+                       device: str = "cpu", mode: str = "eager") -> TimingStats:
+    """Latency of everything in the forward pass except the named layers (each replaced by its recorded output),
+    in the deployment ``mode``: the fixed part of an additive latency model."""
     from mpq.layers import call_model, set_submodule
 
     stub = copy.deepcopy(model).eval()
@@ -220,14 +348,19 @@ def time_rest_of_model(model: torch.nn.Module, layer_names: list[str], inputs: A
         h.remove()
     for n in layer_names:
         set_submodule(stub, n, _RecordedOutput(recorded[n], getattr(stub.get_submodule(n), "weight", None)))
-    return time_model(stub, inputs, warmup, repeats, min_sample_ms, threads, device)
+    return time_model(stub, inputs, warmup, repeats, min_sample_ms, threads, device, mode)
 
 
 def time_layers_in_model(model: torch.nn.Module, names: list[str], inputs: Any, repeats: int = 20,
-                         warmup: int = 3, threads: int | None = None, device: str = "cpu") -> dict[str, float]:
+                         warmup: int = 3, threads: int | None = None, device: str = "cpu", mode: str = "eager"
+                         ) -> dict[str, float]:
     """Median time of each named submodule inside whole forward passes (hooks around each call): what the layers
-    cost in place, next to the profile table's isolated measurements."""
+    cost in place, next to the profile table's isolated measurements. Eager only: inside a CUDA graph or a compiled
+    model a layer has no boundary to time, so other modes give NaN for every layer."""
     from mpq.layers import call_model
+
+    if mode != "eager":
+        return {n: float("nan") for n in names}
 
     starts: dict[str, float] = {}
     samples: dict[str, list[float]] = {n: [] for n in names}

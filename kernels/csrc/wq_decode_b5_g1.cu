@@ -1,0 +1,8 @@
+// The 5-bit decode kernels with groups of 32 (one translation unit per bit width and group, built in parallel).
+#include "wq_decode.cuh"
+
+namespace mpq {
+namespace wq {
+template cudaError_t launch_decode<5, 1>(const DecodeArgs&, int);
+}  // namespace wq
+}  // namespace mpq
