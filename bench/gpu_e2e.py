@@ -23,9 +23,9 @@ from bench.common import RESULTS, environment  # noqa: E402
 from bench.gpu_quant import time_cuda  # noqa: E402
 
 log = logging.getLogger("gpu_e2e")
-# The options the search may use (besides float). Not the whole GPU space (about 27 options a layer): the search's
-# quantizer caches every layer at every format it was asked for, which for all of them on this stack took the H200's
-# 140 GB (seen in the run of 2026-12-01) and its profiling 109 workloads (2.5 min).
+# The options the search may use (besides float). Not the whole GPU space (about 27 options a layer): profiling all
+# of them on this stack is 109 workloads (2.5 min), and before the quantizer cache was bounded in bytes
+# (MPQ_QUANTIZER_CACHE_MB) its copies of every layer at every format filled the H200's 140 GB (run of 2026-12-01).
 OPTIONS = ("fp8", "w8a8", "w8a16", "w4a16g128sym", "w4a16g64sym", "w4a16g32sym", "w3a16g128sym", "w3a16g64sym",
            "w2a16g128sym", "w2a16g64sym")
 
@@ -43,7 +43,7 @@ def build(blocks: int) -> torch.nn.Module:
 
 def main(argv=None) -> None:
     import mpq
-    from mpq.api import uniform_choice
+    from mpq.evaluate_stage import uniform_choice
     from mpq.config import BitConfig, LayerBits
     from mpq.errors import BudgetError
     from mpq.layers import discover_layers
@@ -51,9 +51,10 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--budget", default="latency=0.42",
+    p.add_argument("--device", default="cuda-graph", help="the search's target and mode (cuda: eager)")
+    p.add_argument("--budget", default="latency=0.65",
                    help="the search's budget (relative to bf16 at 16 tokens); where the kernels cannot meet it, the "
-                        "tightest one they can: 2%% above the smallest reachable latency")
+                        "tightest one they can: 5%% above the smallest reachable latency")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--options", nargs="*", default=list(OPTIONS),
                    help="options the search may use (default: %(default)s); none: every option the GPU offers")
@@ -65,24 +66,29 @@ def main(argv=None) -> None:
     calib = [(torch.randint(0, 32000, (1, 16), device="cuda", generator=g), None) for _ in range(2)]
     inventory = discover_layers(model, calib[0][0])
     space = mpq.build_search_space(inventory, "cuda")
-    int8 = uniform_choice(space, ("w8a8",))
-    int4 = uniform_choice(space, ("w4a16g128sym", "w4a16g128"), fallback=int8)  # mpq's low-bit kernel, else v1
-    int3 = uniform_choice(space, ("w3a16g64sym",), fallback=int4)
+    names = {layer: [b.name for b in opts] for layer, opts in space.options.items()}
+    int8 = uniform_choice(names, ("w8a8",))
+    int4 = uniform_choice(names, ("w4a16g128sym", "w4a16g128"), fallback=int8)  # mpq's low-bit kernel, else v1
+    int3 = uniform_choice(names, ("w3a16g64sym",), fallback=int4)
     def search(budget: str):
-        return mpq.search(model, calib, None, budget=budget, device="cuda", profile="inprocess",
+        return mpq.search(model, calib, None, budget=budget, device=args.device, profile="inprocess",
                           sensitivity="entropy", repeats=10, frontier_points=3, evaluate_frontier=False,
                           allowed=args.options or None)
 
-    tightest = None
-    try:
-        result = search(args.budget)
-    except BudgetError as e:
-        tightest = f"latency_ms={e.smallest['latency_ms'] * 1.02:.4f}"
-        log.info("budget %s cannot be met (%s); searching under %s", args.budget, e, tightest)
-    if tightest is not None:  # outside the handler: its traceback would keep the first search's memory alive
-        torch.cuda.empty_cache()
-        args.budget = tightest
-        result = search(tightest)
+    # The rest of the model (norms, attention, embeddings) is timed again by each search, so the smallest
+    # reachable latency moves by a few percent between searches: retry a little looser.
+    requested, result, budget = args.budget, None, args.budget
+    for _ in range(3):
+        try:
+            result = search(budget)
+            break
+        except BudgetError as e:
+            log.info("budget %s cannot be met (%s)", budget, e)
+            budget = f"latency_ms={e.smallest['latency_ms'] * 1.05:.4f}"
+        torch.cuda.empty_cache()  # outside the handler: its traceback would keep the search's memory alive
+    if result is None:
+        raise SystemExit(f"no budget near {args.budget} could be met")
+    args.budget = budget
     configs = {"uniform_w8a8": BitConfig({k: LayerBits.parse(v) for k, v in int8.items()}),
                "uniform_w4a16": BitConfig({k: LayerBits.parse(v) for k, v in int4.items()}),
                "uniform_w3a16": BitConfig({k: LayerBits.parse(v) for k, v in int3.items()}),
@@ -101,11 +107,12 @@ def main(argv=None) -> None:
                 rows += [{"phase": phase, "mode": mode, "config": name, "ms": v, "speedup_vs_bf16": ms["bf16"] / v}
                          for name, v in ms.items()]
     env = {**environment("cuda"), "gpu": torch.cuda.get_device_name()}
-    out = {"env": env, "blocks": args.blocks, "budget": args.budget, "rows": rows,
+    out = {"env": env, "blocks": args.blocks, "target": args.device, "requested_budget": requested,
+           "budget": args.budget, "rows": rows,
            "mixed_histogram": result.config.histogram(), "search": repr(result),
            "search_summary": result.summary.to_dict(orient="records"),
-           "profiled_workloads": len(result.latency), "profile_stats": result.latency.stats,
-           "fingerprint": result.latency.fingerprint}
+           "profiled_workloads": len(result.latency), "profile_stats": getattr(result.latency, "stats", None),
+           "fingerprint": getattr(result.latency, "fingerprint", None), "info": result.info}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gpu_e2e.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     for r in rows:

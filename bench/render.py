@@ -282,12 +282,21 @@ def gpu_e2e_section(d: dict) -> list[str]:
            f"{env.get('gpu')}, torch {env['torch']}, CUDA {env['cuda']}, {env['date']}; command: `{env['command']}`."
            f" {d['blocks']} decoder blocks of Llama-7B's shapes with embedding and head (random bf16 weights), "
            "applied on the real kernels; decode = 1 token, prefill = 2048 tokens; eager calls and CUDA-graph "
-           f"replays. The mixed config is `mpq.search`'s under `{d['budget']}` (the script asks for `latency=0.42` of "
-           "bf16 and, where the kernels cannot meet it, for 2% above the smallest latency the search can reach; "
+           f"replays. The mixed config is `mpq.search`'s for target `{d.get('target', 'cuda')}` under "
+           f"`{d['budget']}` (asked: `{d.get('requested_budget', d['budget'])}` of bf16 at the calibration batch; "
+           "where the kernels cannot meet it, 5% above the smallest latency the search can reach; "
            f"profiled on this GPU: {d['profiled_workloads']} workloads): {d['mixed_histogram']}.", "",
            "| phase | mode | config | ms | speed-up vs bf16 |", "|---|---|---|---|---|"]
     for r in d["rows"]:
         out.append(f"| {r['phase']} | {r['mode']} | {r['config']} | {r['ms']:.3f} | {r['speedup_vs_bf16']:.2f}x |")
+    if d.get("search_summary"):  # the search's own rows: its prediction next to its end-to-end measurement
+        out += ["", "The search's summary (at the calibration batch, in the target's mode):", "",
+                "| config | size (MB) | latency predicted (ms) | latency measured (ms) | measured / predicted |",
+                "|---|---|---|---|---|"]
+        for r in d["search_summary"]:
+            ratio = r["latency_measured_ms"] / r["latency_predicted_ms"] if r["latency_predicted_ms"] else float("nan")
+            out.append(f"| {r['name']} | {r['size_mb']:.1f} | {r['latency_predicted_ms']:.3f} | "
+                       f"{r['latency_measured_ms']:.3f} | {ratio:.2f} |")
     return out + [""]
 
 

@@ -6,7 +6,7 @@ activations are quantized per token (row) on every call with the same rule (:fun
 float, as fake-quant does. ``_scaled_mm`` wants K and N multiples of 16 (layers that are not get no FP8 option) and
 the weight column-major, which the transpose of a row-major ``[N, K]`` weight is. M is padded to 16 rows. The
 activation quantization is one fused Triton kernel (:mod:`mpq.kernels.triton_fp8`) where Triton is installed. Up to
-16 bf16 tokens the module runs :mod:`mpq.kernels.cuda_decode8` instead (one launch, the same weights).
+8 bf16 tokens (DECODE_M) the module runs :mod:`mpq.kernels.cuda_decode8` instead (one launch, the same weights).
 
 The kernel registers on every machine but is :meth:`~mpq.kernel_registry.Kernel.available` only where CUDA reports compute
 capability 8.9 or higher, so a CPU machine never offers FP8 and imports this file without touching CUDA.
@@ -65,7 +65,7 @@ class FP8Gemm(QuantGemm):
 class CudaFP8ScaledMM(Kernel):
     name = "cuda-fp8-scaled-mm"
     device = "cuda"
-    version = "2"  # 2: mpq's fused decode kernel up to 16 bf16 tokens
+    version = "2"  # 2: mpq's fused decode kernel up to DECODE_M (8) bf16 tokens
 
     def available(self) -> bool:
         return fp8_supported()

@@ -3,8 +3,8 @@
 Weights are INT8 symmetric per output channel (float32 scales), packed once at conversion as a contiguous
 ``[N, K]`` int8 matrix; activations are quantized per token on every call by a CUDA kernel with fake-quant's rule
 (``scale = amax * (1 / 127)``, as torch divides by a number), and the CUTLASS epilogue applies both scales and the
-bias and writes bf16, so a timing of this module includes the activation quantization. Up to 16 tokens the module
-runs :mod:`mpq.kernels.cuda_decode8` instead: the same weights streamed once, the quantization fused (one launch). CUTLASS needs K a multiple of
+bias and writes bf16, so a timing of this module includes the activation quantization. Up to ``DECODE_M`` (8)
+tokens the module runs :mod:`mpq.kernels.cuda_decode8` instead: the same weights streamed once, the quantization fused (one launch). CUTLASS needs K a multiple of
 16 and N of 8: other layers get no option from this kernel.
 
 Registered on every machine, :meth:`~mpq.kernel_registry.Kernel.available` only on compute capability 9.0 with nvcc and the
@@ -120,7 +120,7 @@ def _tools_ready() -> bool:
 class CudaCutlassW8A8(Kernel):
     name = "cuda-cutlass-w8a8-sm90"
     device = "cuda"
-    version = "2"  # 2: mpq's fused decode kernel up to 16 tokens
+    version = "2"  # 2: mpq's fused decode kernel up to DECODE_M (8) tokens
     arch = "sm90"
 
     def available(self) -> bool:

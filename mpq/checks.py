@@ -157,9 +157,12 @@ def check_allowed(inventory, device: str, allowed: Iterable[str] | None) -> None
         offered |= set(layer_options(layer, device))
     missing = [b for b in allowed if LayerBits.parse(b) not in offered and LayerBits.parse(b).name != "float"]
     if missing:
+        # an option spelled without its scheme (w3a16) next to the ones offered with it (w3a16sym, w3a16g128asym)
+        near = sorted({b.name for m in missing for b in offered if b.name.startswith(m) and b.name != m})
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
         raise ConfigError(f"allowed option{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}: no "
                           f"{normalize_device(device)} kernel runs {'them' if len(missing) > 1 else 'it'} for any "
-                          f"layer of this model; the options there are: {allowed_text(offered)}")
+                          f"layer of this model{hint}; the options there are: {allowed_text(offered)}")
 
 
 __all__ = ["check_weights", "run_model_checked", "check_batches", "check_allowed"]

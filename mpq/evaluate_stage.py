@@ -27,7 +27,10 @@ from mpq.target import Target
 log = logging.getLogger(__name__)
 
 INT8_PREFERENCE = ("w8a8", "w8a16")  # uniform INT8 baseline: the first of these each layer offers
-INT4_PREFERENCE = ("w4a16g128", "w4a16g64", "w4a16g32", "w4a16", "w4a8")  # uniform INT4: fewest bytes first
+# uniform INT4: fewest bytes first; each group size in the kernel's one scheme, else symmetric (mpq's low-bit
+# kernels: the GPU's only 4-bit groups)
+INT4_PREFERENCE = ("w4a16g128", "w4a16g128sym", "w4a16g64", "w4a16g64sym", "w4a16g32", "w4a16g32sym", "w4a16",
+                   "w4a16sym", "w4a8")
 MEASURED = ("latency_measured_ms", "latency_measured_q1_ms", "latency_measured_q3_ms", "metric_fakequant",
             "metric_real")
 

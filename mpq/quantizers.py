@@ -14,7 +14,8 @@ are, and fake-quant, the sensitivity estimators and :func:`mpq.apply` all see th
 
 Hessians come from the *float* model's inputs, so each layer's result depends only on the layer and its format and
 is cached per (layer, format): the search asks for the same layer at many formats, and for the same format in many
-configs. Quantizers are plug-ins: subclass :class:`Quantizer` (one abstract method) and decorate with
+configs. The cache is least-recently-used and bounded in bytes (``MPQ_QUANTIZER_CACHE_MB``, 2048 by default): a
+7B-shaped model at a dozen formats would otherwise hold over 100 GB of integer copies. Quantizers are plug-ins: subclass :class:`Quantizer` (one abstract method) and decorate with
 :func:`register_quantizer`.
 """
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections import OrderedDict
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable
 
@@ -48,7 +51,8 @@ class Quantizer(ABC):
     needs_calibration: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, WeightQuantSpec], QuantizedWeight] = {}
+        self._cache: OrderedDict[tuple[str, WeightQuantSpec], QuantizedWeight] = OrderedDict()
+        self._cache_bytes = 0
 
     def prepare(self, model: nn.Module, inputs: Iterable[Any], inventory: LayerInventory) -> Quantizer:
         """Look at calibration inputs once (GPTQ collects each layer's input Hessian here). Returns self."""
@@ -66,9 +70,18 @@ class Quantizer(ABC):
     def quantize(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
         """:meth:`quantize_new`, cached per (layer, format): weights do not change during a search."""
         key = (layer, spec)
-        if key not in self._cache:
-            self._cache[key] = self.quantize_new(layer, weight.detach(), spec)
-        return self._cache[key]
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        qw = self.quantize_new(layer, weight.detach(), spec)
+        size = _nbytes(qw)
+        limit = cache_limit_bytes()
+        while self._cache and self._cache_bytes + size > limit:
+            self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+        if size <= limit:
+            self._cache[key] = qw
+            self._cache_bytes += size
+        return qw
 
     def fake(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> Tensor:
         """``Q(W)`` in float, shaped and typed like ``weight``."""
@@ -79,10 +92,26 @@ class Quantizer(ABC):
         return {"name": self.name}
 
     def __getstate__(self) -> dict[str, Any]:  # shipped to Ray actors without its cache
-        return {**self.__dict__, "_cache": {}}
+        return {**self.__dict__, "_cache": OrderedDict(), "_cache_bytes": 0}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.settings()})"
+
+
+def cache_limit_bytes() -> int:
+    """The quantizer cache's bound, from ``MPQ_QUANTIZER_CACHE_MB`` (2048 MB by default)."""
+    raw = os.environ.get("MPQ_QUANTIZER_CACHE_MB", "2048")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ConfigError(f"MPQ_QUANTIZER_CACHE_MB={raw!r} is not a number of megabytes") from None
+    if mb < 0:
+        raise ConfigError(f"MPQ_QUANTIZER_CACHE_MB={raw!r} must be >= 0 (0 turns the cache off)")
+    return int(mb * 2**20)
+
+
+def _nbytes(qw: QuantizedWeight) -> int:
+    return sum(t.numel() * t.element_size() for t in (qw.q, qw.scale, qw.zero) if t is not None)
 
 
 def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:

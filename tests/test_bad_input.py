@@ -200,8 +200,9 @@ NAMES = [
     (dict(solver="greedy", solver_options={"secondary": "latency_ms"}), "solver 'greedy' does not honour secondary"),
     (dict(sensitivity="hessian", sensitivity_options={"max_probe": 3}), "has no option 'max_probe'"),
     (dict(quantizer="gptq", quantizer_options={"dampp": 0.1}), "quantizer 'gptq' has no option 'dampp'"),
-    (dict(allowed=["w3a16"]), "'w3a16': no cpu kernel runs it for any layer of this model; the options there are: "
-                              "float, w8a16, w8a8"),
+    (dict(allowed=["w3a16"]), "'w3a16': no cpu kernel runs it for any layer of this model (did you mean "
+                              "w3a16asym, w3a16g128asym, w3a16g128sym, w3a16g32asym, w3a16g64asym, w3a16sym?); the "
+                              "options there are: float, w8a16, w8a16asym, w8a8,"),
     (dict(allowed=["w9a8"]), "weight bits 9 not allowed"),
     (dict(device="tpu"), "device 'tpu' not supported"),
     (dict(repeats=0), "repeats=0 must be a whole number >= 1"),

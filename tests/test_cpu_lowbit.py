@@ -116,6 +116,9 @@ def _one_layer(module, x):
 MODULES = {
     "linear": (lambda: nn.Linear(96, 21), lambda: torch.randn(2, 5, 96)),
     "linear_odd_k": (lambda: nn.Linear(45, 16, bias=False), lambda: torch.randn(3, 45)),
+    # prefill-sized: the weight unpacked once and torch's GEMM (lowbit.PREFILL_M rows and more)
+    "linear_prefill": (lambda: nn.Linear(96, 21), lambda: torch.randn(lowbit.PREFILL_M + 5, 96)),
+    "linear_prefill_odd_k": (lambda: nn.Linear(45, 16, bias=False), lambda: torch.randn(lowbit.PREFILL_M, 45)),
     "conv2d": (lambda: nn.Conv2d(8, 12, 2, stride=2, padding=1), lambda: torch.randn(2, 8, 9, 9)),
     "conv1d": (lambda: nn.Conv1d(32, 10, 3, padding=1), lambda: torch.randn(2, 32, 11)),
     "embedding": (lambda: nn.Embedding(50, 40), lambda: torch.randint(0, 50, (3, 7))),

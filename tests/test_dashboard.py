@@ -29,7 +29,7 @@ def runs(digits_task, lm_task, tmp_path_factory):
     # machine whose integer kernels are no faster than float).
     t = lm_task
     study = mpq.study(t.model, t.calib[:2], t.eval_fn, model_name=t.name, metric="perplexity",
-                      higher_is_better=False, **QUICK)
+                      higher_is_better=False, batch_size=2, **QUICK)
     study.solve(f"latency_ms={between_fastest_and_float(study)!r}", evaluate=True, out=out["lm"], force=True)
     mpq.sensitivity_report(digits_task.model, digits_task.calib[:2], digits_task.heldout[:1],
                            estimators=("lrp", "entropy"), n_configs=10, out=out["digits"], progress=False)

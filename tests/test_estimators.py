@@ -267,7 +267,7 @@ def test_fake_quantized_config_equals_swapped_runner(digits_setup):
 def test_search_char_lm_with_estimator(name, lm_task):
     result = mpq.search(lm_task.model, lm_task.calib[:1], lm_task.eval_fn, budget="size=0.4", sensitivity=name,
                         profile="inprocess", repeats=3, warmup=1, frontier_points=3, evaluate_frontier=False,
-                        progress=False, metric="perplexity", higher_is_better=False)
+                        progress=False, metric="perplexity", higher_is_better=False, batch_size=2)
     assert result.info["estimator"] == name
     assert result.row("chosen")["size_mb"] <= result.info["limits"]["size_mb"] + 1e-12
 

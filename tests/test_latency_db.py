@@ -74,16 +74,41 @@ def test_cli_export_and_import(tmp_path, capsys):
     assert ProfileCache(tmp_path / "laptop.sqlite").count("fp1") == 4
 
 
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _raylet_pid() -> int | None:
+    """This session's raylet (its workers descend from it), or None where Ray does not say."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return node.all_processes["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError):
+        return None
+
+
 def _measuring_pids() -> list[int]:
-    """Profiler actors measuring now (Ray names the process after the method it runs)."""
-    pids = []
+    """This session's profiler actors measuring now (Ray names the process after the method it runs); never
+    another Ray cluster's on the same machine."""
+    raylet, pids = _raylet_pid(), []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if b"ray::ProfilerWorker.measure" in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
+                if b"ray::ProfilerWorker.measure" not in (d / "cmdline").read_bytes():
+                    continue
             except OSError:
                 continue
+            pid = ancestor = int(d.name)
+            while raylet is not None and ancestor > 1 and ancestor != raylet:
+                ancestor = _parent(ancestor)
+            if raylet is None or ancestor == raylet:
+                pids.append(pid)
     return pids
 
 

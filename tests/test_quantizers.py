@@ -180,3 +180,24 @@ def test_layers_fed_one_tensor_share_one_hessian():
     assert h["q"] is h["k"] is h["v"] and h["o"] is not h["q"]
     alone = collect_hessians(model, batches, ["v"])["v"]
     torch.testing.assert_close(h["v"], alone)
+
+
+def test_quantizer_cache_is_bounded_in_bytes(monkeypatch):
+    """The per-(layer, format) cache evicts least-recently-used copies beyond MPQ_QUANTIZER_CACHE_MB, and a cached
+    result is the same object as the first (no recomputation while it fits)."""
+    spec = WeightQuantSpec(bits=4, symmetric=True, group_size=32)
+    w = torch.randn(64, 256)
+    one_copy = 64 * 256 * 4 + 64 * 8 * 4  # int32 levels + float32 scales
+    monkeypatch.setenv("MPQ_QUANTIZER_CACHE_MB", str(2.5 * one_copy / 2**20))
+    q = get_quantizer("minmax")
+    first = q.quantize("a", w, spec)
+    assert q.quantize("a", w, spec) is first
+    q.quantize("b", w, spec)
+    q.quantize("a", w, spec)  # a is now the most recent: c evicts b
+    q.quantize("c", w, spec)
+    assert [k[0] for k in q._cache] == ["a", "c"] and q._cache_bytes == 2 * one_copy
+    monkeypatch.setenv("MPQ_QUANTIZER_CACHE_MB", "0")
+    assert q.quantize("d", w, spec) is not q.quantize("d", w, spec)
+    monkeypatch.setenv("MPQ_QUANTIZER_CACHE_MB", "lots")
+    with pytest.raises(ConfigError, match="MPQ_QUANTIZER_CACHE_MB"):
+        q.quantize("e", w, spec)
