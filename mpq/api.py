@@ -104,7 +104,7 @@ def search_devices(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Modu
 
 
 def sensitivity_report(model: nn.Module, calib_data: Any, heldout_data: Any,
-                       estimators: Iterable[str] = ("hessian", "lrp", "decoupled", "entropy", "measured"),
+                       estimators: Iterable[str] = ("fisher", "hessian", "lrp", "decoupled", "entropy", "measured"),
                        n_configs: int = 50, device: str | None = "cpu", loss_fn: LossFn | None = None, seed: int = 0,
                        options: Mapping[str, Mapping[str, Any]] | None = None, backend: str = "inprocess",
                        out: str | Path | None = None, progress: bool = True):
