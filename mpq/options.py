@@ -174,6 +174,8 @@ class SensitivityOptions:
                                          "'0.7*hessian+0.3*decoupled'", choices=None)
     sensitivity_options: Mapping[str, Any] | None = option(None, "the estimator's options as JSON, e.g. "
                                                                   '\'{"max_probes": 64}\'')
+    sensitivity_check: int = option(24, "single-layer options whose damage is measured after scoring, to report "
+                                        "the estimator's Kendall tau with the run (0: none)")
     quantizer: Any = option("minmax", "how each option's integers are chosen: minmax, mse clipping, gptq error "
                                       "feedback", choices=_quantizer_names)
     quantizer_options: Mapping[str, Any] | None = option(None, 'the quantizer\'s options as JSON, e.g. '
@@ -182,6 +184,7 @@ class SensitivityOptions:
     def __post_init__(self) -> None:
         _frozen_set(self, "sensitivity_options", _mapping("sensitivity_options", self.sensitivity_options))
         _frozen_set(self, "quantizer_options", _mapping("quantizer_options", self.quantizer_options))
+        _whole("sensitivity_check", self.sensitivity_check, 0)
         if isinstance(self.sensitivity, list):
             _frozen_set(self, "sensitivity", tuple(self.sensitivity))
         if isinstance(self.sensitivity, Mapping):

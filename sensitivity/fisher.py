@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mpq.calib import CalibrationSet, LossFn, default_loss
 from mpq.config import FLOAT
+from mpq.fakequant import FakeQuantLayer
 from mpq.kernel_registry import scheme_for
 from mpq.layers import LayerInventory, call_model, is_hf_conv1d, modules_by_name, weight_matrix
 from mpq.numerics import ActQuantSpec, fake_quantize_activation
@@ -39,6 +40,7 @@ from mpq.sensitivity.base import SensitivityEstimator, SensitivityResult, regist
 from mpq.space import SearchSpace
 
 log = logging.getLogger(__name__)
+WHERE = ("output", "weight")
 
 
 def _split(inputs, targets, size: int) -> list[tuple[object, Tensor]]:
@@ -124,18 +126,80 @@ def fisher_diagonals(model: nn.Module, calib: CalibrationSet, names: list[str], 
     return out, act_terms, backward, samples
 
 
+def output_fisher_terms(model: nn.Module, calib: CalibrationSet, names: list[str], fakes, loss_fn: LossFn,
+                        max_batches: int | None = None) -> tuple[dict[tuple[str, str], float], int, int]:
+    """Per (layer, option): ``1/2 E_samples sum_e (dl/dy_e)^2 (y_q - y)_e^2`` over the layer's outputs ``y``, where
+    ``y_q`` is the option's fake-quant layer (its weights *and* activations as the kernel computes them) on the same
+    input. ``fakes`` maps each layer to ``{option: module}``. One backward per batch: a sample's outputs reach only
+    its own loss, so ``B * dL/dy`` is each sample's gradient.
+
+    Returns ``(terms, backward passes, samples)``."""
+    modules = modules_by_name(model, names)
+    seen: dict[str, list[list]] = {n: [] for n in names}
+
+    def hook(name):
+        def fn(mod, args, out):
+            d = torch.zeros_like(out, requires_grad=True)  # its gradient is dL/dy
+            seen[name].append([args[0].detach(), out.detach(), d])
+            return out + d
+        return fn
+
+    sums: dict[tuple[str, str], float] = {}
+    backward = samples = 0
+    saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        for inputs, targets in calib.batches[:max_batches]:
+            for v in seen.values():
+                v.clear()
+            with torch.enable_grad():
+                loss = loss_fn(call_model(model, inputs), targets)
+                ds = [rec[2] for v in seen.values() for rec in v]
+                grads = torch.autograd.grad(loss, ds, allow_unused=True)
+            grad_of = {id(d): g for d, g in zip(ds, grads)}
+            m = int(targets.shape[0]) if isinstance(targets, Tensor) and targets.dim() else 1
+            with torch.no_grad():
+                for n in names:
+                    for x, y, d in seen[n]:
+                        g = grad_of.get(id(d))
+                        if g is None:
+                            continue
+                        w = (m * g.float()).pow(2)
+                        for opt, fq in fakes[n].items():
+                            sums[(n, opt)] = sums.get((n, opt), 0.0) + float((w * (fq(x).float() - y.float()).pow(2))
+                                                                             .sum())
+            backward += 1
+            samples += m
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {k: 0.5 * v / max(samples, 1) for k, v in sums.items()}, backward, samples
+
+
 @register_estimator
 class FisherEstimator(SensitivityEstimator):
     """Diagonal empirical Fisher times each option's real rounding error (see the module docstring)."""
 
     name = "fisher"
 
-    def __init__(self, micro_batch: int = 4, max_backward: int = 64, activations: bool = True):
+    def __init__(self, where: str = "output", micro_batch: int = 4, max_backward: int = 64,
+                 activations: bool = True):
+        if where not in WHERE:
+            raise ValueError(f"where={where!r} not supported: use 'output' (the layer's output error, weighted by "
+                             f"its per-sample squared gradient) or 'weight' (the weights' diagonal Fisher)")
         if not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch!r} must be a whole number >= 1")
         if not isinstance(max_backward, int) or max_backward < 1:
             raise ValueError(f"max_backward={max_backward!r} must be a whole number >= 1")
-        self.micro_batch, self.max_backward, self.activations = micro_batch, max_backward, activations
+        self.where, self.micro_batch, self.max_backward, self.activations = where, micro_batch, max_backward, \
+            activations
 
     def estimate(self, model: nn.Module, calib: CalibrationSet, space: SearchSpace, inventory: LayerInventory,
                  loss_fn: LossFn | None = None, progress: bool = True) -> SensitivityResult:
@@ -145,6 +209,26 @@ class FisherEstimator(SensitivityEstimator):
             loss_fn = default_loss
         names = [n for n in space.layers if any(b != FLOAT for b in space[n])]
         schemes = {(n, b): scheme_for(inventory[n], b, space.device) for n in names for b in space[n] if b != FLOAT}
+        modules = modules_by_name(model, names)
+        if self.where == "output":
+            fakes = {n: {} for n in names}
+            for (n, bits), sch in schemes.items():
+                fakes[n][bits.name] = FakeQuantLayer(modules[n], sch, n, space.quantizer)
+            terms, backward, samples = output_fisher_terms(model, calib, names, fakes, loss_fn, self.max_backward)
+            rows = [{"layer": n, "option": bits.name, "raw_score": terms.get((n, bits.name), 0.0)}
+                    for n, bits in space.pairs()]
+            stats = pd.DataFrame()
+        else:
+            rows, stats, backward, samples = self._weight_scores(model, calib, space, names, schemes, modules,
+                                                                 loss_fn)
+        seconds = time.perf_counter() - t0
+        log.info("fisher (%s): %d backward passes (%d samples) over %d layers in %.1fs", self.where, backward,
+                 samples, len(names), seconds)
+        cost = {"forward_passes": backward, "backward_passes": backward, "samples": samples, "seconds": seconds,
+                "where": self.where}
+        return SensitivityResult(self.name, pd.DataFrame(rows), stats, cost)
+
+    def _weight_scores(self, model, calib, space, names, schemes, modules, loss_fn):
         act_specs: dict[str, list[ActQuantSpec]] = {}
         for (n, _), sch in schemes.items():
             if self.activations and not sch.act.is_float and sch.act not in act_specs.setdefault(n, []):
@@ -152,7 +236,6 @@ class FisherEstimator(SensitivityEstimator):
         act_specs = {n: v for n, v in act_specs.items() if v}
         fisher, act_terms, backward, samples = fisher_diagonals(model, calib, names, loss_fn, self.micro_batch,
                                                                 self.max_backward, act_specs)
-        modules = modules_by_name(model, names)
         rows = []
         for n, bits in space.pairs():
             row = {"layer": n, "option": bits.name, "raw_score": 0.0, "weight_term": 0.0, "act_term": 0.0}
@@ -167,8 +250,4 @@ class FisherEstimator(SensitivityEstimator):
             rows.append(row)
         stats = pd.DataFrame([{"layer": n, "fisher_sum": float(fisher[n].sum()),
                                "fisher_mean": float(fisher[n].mean())} for n in names])
-        seconds = time.perf_counter() - t0
-        log.info("fisher: %d backward passes (%d samples) over %d layers in %.1fs", backward, samples, len(names),
-                 seconds)
-        cost = {"forward_passes": backward, "backward_passes": backward, "samples": samples, "seconds": seconds}
-        return SensitivityResult(self.name, pd.DataFrame(rows), stats, cost)
+        return rows, stats, backward, samples
