@@ -170,8 +170,10 @@ class SpaceOptions:
 class SensitivityOptions:
     """How each (layer, option) is scored, and how its integers are chosen."""
 
-    sensitivity: Any = option("hessian", "estimator or weighted combination, e.g. hessian, lrp, "
-                                         "'0.7*hessian+0.3*decoupled'", choices=None)
+    # fisher by default: on the CPU kernels' ~33 options a layer it ranks measured damage as well as hessian or
+    # better (BENCHMARKS.md, issue 19) at one backward per batch instead of up to 128 double backwards
+    sensitivity: Any = option("fisher", "estimator or weighted combination, e.g. fisher, hessian, lrp, "
+                                        "'0.7*fisher+0.3*decoupled'", choices=None)
     sensitivity_options: Mapping[str, Any] | None = option(None, "the estimator's options as JSON, e.g. "
                                                                   '\'{"max_probes": 64}\'')
     sensitivity_check: int = option(24, "single-layer options whose damage is measured after scoring, to report "
