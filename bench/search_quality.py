@@ -149,16 +149,20 @@ def _mixed_row(qname: str | None, estimator: str | None) -> Callable:
 
 
 REFINE = {"max_evals": 200, "time_limit": 60.0}
+STUDY_PROFILE = {"profile": "inprocess", "repeats": 3, "warmup": 1}
 
 
 def default_study(ctx: Context):
-    """``mpq.study`` with every default (what ``mpq search`` runs before solving), once per model."""
+    """``mpq.study`` with every default that decides the allocation (estimator, quantizer, solver), once per model;
+    latency is profiled in process with 3 repeats (a size budget does not read it, and Ray's profilers on a shared
+    2-core machine take tens of seconds a workload)."""
     import mpq
 
     if ctx.study is None:
         t0 = time.perf_counter()
         ctx.study = mpq.study(ctx.model, ctx.task.calib, ctx.task.eval_fn, metric=ctx.task.metric,
-                              higher_is_better=ctx.task.higher_is_better, model_name=ctx.name, progress=False)
+                              higher_is_better=ctx.task.higher_is_better, model_name=ctx.name, progress=False,
+                              **STUDY_PROFILE)
         ctx.study_seconds = time.perf_counter() - t0
         log.info("%s: default study in %.0f s (estimator %s)", ctx.name, ctx.study_seconds, ctx.study.record.estimator)
     return ctx.study
@@ -182,22 +186,28 @@ def _study_row(solver: str) -> Callable:
     return row
 
 
+def measured_table(costs, model: torch.nn.Module, data, space, inv):
+    """The cost table with ``score`` = the measured loss increase of each (layer, option) applied alone on
+    ``data`` (fake-quant with the space's numerics and quantizer; float rows 0): the oracle's table."""
+    from mpq.calib import CalibrationSet
+    from mpq.sensitivity.measured import single_layer_deltas
+
+    deltas = single_layer_deltas(model, CalibrationSet.from_any(data), space, inv, progress=False)
+    return costs.merge(deltas.rename(columns={"loss": "score"}), on=["layer", "option"])
+
+
 def oracle_row(ctx: Context, bits: float):
     """The exact ILP over the measured held-out damage of every single-layer option (the additive ceiling)."""
     import mpq
-    from mpq.calib import CalibrationSet
-    from mpq.sensitivity.measured import single_layer_deltas
     from mpq.solvers import ilp_allocate
 
     study = default_study(ctx)
     if ctx.oracle_table is None:
         t0 = time.perf_counter()
-        deltas = single_layer_deltas(ctx.model, CalibrationSet.from_any(ctx.task.heldout), study.live.space, ctx.inv,
-                                     progress=False)
-        ctx.oracle_table = study.costs.table.merge(deltas.rename(columns={"loss": "score"}), on=["layer", "option"])
+        ctx.oracle_table = measured_table(study.costs.table, ctx.model, ctx.task.heldout, study.live.space, ctx.inv)
         ctx.oracle_seconds = time.perf_counter() - t0
-        log.info("%s: measured %d single-layer damages on the held-out split in %.0f s", ctx.name, len(deltas),
-                 ctx.oracle_seconds)
+        log.info("%s: measured %d single-layer damages on the held-out split in %.0f s", ctx.name,
+                 len(ctx.oracle_table), ctx.oracle_seconds)
     t0 = time.perf_counter()
     allocation = ilp_allocate(ctx.oracle_table, {"size_mb": budget_mb(ctx, bits)}, study.costs.fixed)
     seconds = time.perf_counter() - t0
