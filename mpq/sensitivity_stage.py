@@ -157,5 +157,5 @@ def score_columns(sens) -> pd.DataFrame:
     return cols
 
 
-__all__ = ["run_sensitivity", "spot_check", "scores_key", "hash_model", "hash_calibration", "score_columns", "reuse_scores",
-           "ray_map"]
+__all__ = ["run_sensitivity", "spot_check", "scores_key", "hash_model", "hash_calibration", "score_columns",
+           "reuse_scores", "ray_map"]
