@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--backend", default="inprocess", choices=["inprocess", "ray"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spaces", nargs="*", default=["cpu", "generic"])
+    p.add_argument("--estimators", nargs="*", default=["fisher", "hessian", "lrp", "decoupled", "entropy", "measured"])
+    p.add_argument("--out", default="sensitivity", help="result name prefix under bench/results/")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -45,14 +47,15 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix=f"mpq-sens-{name}-{space}-"))
             t0 = time.perf_counter()
             options = {"decoupled": {"backend": args.backend}, "measured": {"backend": args.backend}}
-            report = mpq.sensitivity_report(task.model, task.calib, task.heldout, n_configs=args.configs,
+            report = mpq.sensitivity_report(task.model, task.calib, task.heldout, args.estimators,
+                                            n_configs=args.configs,
                                             device=None if space == "generic" else space, seed=args.seed,
                                             options=options, backend=args.backend, out=out, progress=False)
             wall = time.perf_counter() - t0
             truth = report.configs["truth"]
             print(f"{name} ({space} space): {wall:.0f} s; config damage mean {truth.mean():.4g}, sd {truth.std():.4g}")
             print(report.table.round(3).to_string(index=False))
-            write_result(f"sensitivity_{name}_{space}", {
+            write_result(f"{args.out}_{name}_{space}", {
                 "benchmark": "sensitivity", "model": name, "space": space, **environment(),
                 "configs": args.configs, "calib_batches": len(task.calib), "heldout_batches": len(task.heldout),
                 "config_damage": {"mean": float(truth.mean()), "sd": float(truth.std()), "min": float(truth.min()),

@@ -55,11 +55,12 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
 
     ``options`` are every stage's options (:mod:`mpq.options`, all validated before anything runs), with the same
     names and defaults as before studies existed: ``device="cpu"`` (or ``"cuda"``, or a kind of Ray node such as
-    ``"cuda:h100"``); ``allowed``, ``pinned``; ``sensitivity="hessian"`` (an estimator or a weighted combination
-    such as ``"0.7*hessian+0.3*lrp"``) and ``sensitivity_options``; ``quantizer="minmax"`` (``"mse"``, ``"gptq"``)
+    ``"cuda:h100"``); ``allowed``, ``pinned``; ``sensitivity="fisher"`` (an estimator or a weighted combination
+    such as ``"0.7*fisher+0.3*lrp"``) and ``sensitivity_options``; ``quantizer="minmax"`` (``"mse"``, ``"gptq"``)
     and ``quantizer_options``; ``profile="ray"`` (or ``"inprocess"``), ``address``, ``workers``, ``threads``,
     ``repeats=15``, ``warmup=3``, ``batch_size``, ``cache=True``; ``solver="ilp"`` (``"pareto"``, ``"greedy"``,
-    ``"optuna"``, ``"exhaustive"``), ``solver_options`` (e.g. ``{"caps": {"score_kl": 0.2}}``, ``{"min_bits":
+    ``"optuna"``, ``"exhaustive"``, ``"ilp+refine"``: the ILP's choice improved by a measured local search, options
+    ``max_evals``, ``time_limit``), ``solver_options`` (e.g. ``{"caps": {"score_kl": 0.2}}``, ``{"min_bits":
     {"fc2": 8}}``; a constraint the solver does not honour is refused), ``tie_tolerance=0.01`` (allocations within
     this much of the lowest normalised score are ties, the fastest wins), ``frontier_points=12``;
     ``evaluate_frontier=True``, ``evaluate_workers``, ``metric``, ``higher_is_better``.
@@ -104,7 +105,7 @@ def search_devices(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Modu
 
 
 def sensitivity_report(model: nn.Module, calib_data: Any, heldout_data: Any,
-                       estimators: Iterable[str] = ("hessian", "lrp", "decoupled", "entropy", "measured"),
+                       estimators: Iterable[str] = ("fisher", "hessian", "lrp", "decoupled", "entropy", "measured"),
                        n_configs: int = 50, device: str | None = "cpu", loss_fn: LossFn | None = None, seed: int = 0,
                        options: Mapping[str, Mapping[str, Any]] | None = None, backend: str = "inprocess",
                        out: str | Path | None = None, progress: bool = True):

@@ -170,10 +170,14 @@ class SpaceOptions:
 class SensitivityOptions:
     """How each (layer, option) is scored, and how its integers are chosen."""
 
-    sensitivity: Any = option("hessian", "estimator or weighted combination, e.g. hessian, lrp, "
-                                         "'0.7*hessian+0.3*decoupled'", choices=None)
+    # fisher by default: on the CPU kernels' ~33 options a layer it ranks measured damage as well as hessian or
+    # better (BENCHMARKS.md, issue 19) at one backward per batch instead of up to 128 double backwards
+    sensitivity: Any = option("fisher", "estimator or weighted combination, e.g. fisher, hessian, lrp, "
+                                        "'0.7*fisher+0.3*decoupled'", choices=None)
     sensitivity_options: Mapping[str, Any] | None = option(None, "the estimator's options as JSON, e.g. "
                                                                   '\'{"max_probes": 64}\'')
+    sensitivity_check: int = option(24, "single-layer options whose damage is measured after scoring, to report "
+                                        "the estimator's Kendall tau with the run (0: none)")
     quantizer: Any = option("minmax", "how each option's integers are chosen: minmax, mse clipping, gptq error "
                                       "feedback", choices=_quantizer_names)
     quantizer_options: Mapping[str, Any] | None = option(None, 'the quantizer\'s options as JSON, e.g. '
@@ -182,6 +186,7 @@ class SensitivityOptions:
     def __post_init__(self) -> None:
         _frozen_set(self, "sensitivity_options", _mapping("sensitivity_options", self.sensitivity_options))
         _frozen_set(self, "quantizer_options", _mapping("quantizer_options", self.quantizer_options))
+        _whole("sensitivity_check", self.sensitivity_check, 0)
         if isinstance(self.sensitivity, list):
             _frozen_set(self, "sensitivity", tuple(self.sensitivity))
         if isinstance(self.sensitivity, Mapping):

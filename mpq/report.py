@@ -110,7 +110,10 @@ def _how_found(run: dict) -> list[str]:
     parts = ["", "## How it was found", "",
              f"- sensitivity: `{run.get('estimator')}`: {probes}{sc.get('forward_passes')} forward / "
              f"{sc.get('backward_passes')} backward passes, {_fmt(sc.get('seconds'))} s{converged}"
-             + (" (reused from an earlier run)" if sc.get("reused") else ""),
+             + (" (reused from an earlier run)" if sc.get("reused") else "")
+             + (f"; Kendall tau {sc['check']['tau']:.2f} against the measured damage of {sc['check']['pairs']} "
+                f"single-layer options (calibration split)" if (sc.get("check") or {}).get("tau") is not None
+                else ""),
              f"- rounding: quantizer `{q.pop('name')}`" + (f" ({', '.join(f'{k}={v}' for k, v in q.items())})"
                                                           if q else ""),
              f"- latency: {pr.get('workloads')} unique workloads on `{pr.get('target', run.get('device'))}` "

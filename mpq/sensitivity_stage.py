@@ -103,9 +103,44 @@ def run_sensitivity(model: nn.Module, calib: CalibrationSet, space: SearchSpace,
         return reused
     estimator = get_estimator(options.sensitivity, ray_map(address), **dict(options.sensitivity_options))
     result = estimator.run(model, calib, space, inventory, loss_fn=loss_fn, progress=progress)
+    if options.sensitivity_check:
+        result.cost["check"] = spot_check(model, calib, space, inventory, result.scores, loss_fn,
+                                          options.sensitivity_check)
     if out is not None:
         save_scores(out, key, result)
     return result
+
+
+def spot_check(model: nn.Module, calib: CalibrationSet, space: SearchSpace, inventory: LayerInventory,
+               scores: pd.DataFrame, loss_fn: LossFn | None, pairs: int, seed: int = 0) -> dict:
+    """Kendall tau of the estimator's scores against the measured damage of ``pairs`` random single-layer options
+    (fake-quant, task-loss increase). A run has no held-out split, so this is measured on the calibration data:
+    it says whether the estimator ranks this model's options at all, at ``pairs`` forward passes over the data
+    (the held-out judgement is ``mpq sensitivity-report``)."""
+    import time
+
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    from mpq.config import FLOAT
+    from mpq.sensitivity.measured import config_damage
+
+    t0 = time.perf_counter()
+    candidates = scores[scores["option"] != FLOAT.name].reset_index(drop=True)
+    if len(candidates) < 3:
+        return {"pairs": len(candidates), "tau": None, "seconds": 0.0}
+    picked = candidates.iloc[np.random.default_rng(seed).choice(len(candidates), min(pairs, len(candidates)),
+                                                                 replace=False)]
+    configs = [{l: o} for l, o in zip(picked["layer"], picked["option"])]
+    damage = [d["loss"] for d in config_damage(model, calib, configs, inventory, space.device, loss_fn,
+                                               progress=False, quantizer=space.quantizer)]
+    predicted = picked["raw_score"].astype(float).to_numpy()
+    tau = float(kendalltau(predicted, damage).statistic) if np.ptp(predicted) > 0 and np.ptp(damage) > 0 else None
+    out = {"pairs": len(configs), "tau": tau, "seconds": time.perf_counter() - t0, "split": "calibration"}
+    log.info("sensitivity check: Kendall tau %s of the scores against the measured damage of %d single-layer "
+             "options (calibration split, %.1f s)", "n/a" if tau is None else f"{tau:.3f}", len(configs),
+             out["seconds"])
+    return out
 
 
 def score_columns(sens) -> pd.DataFrame:
@@ -122,5 +157,5 @@ def score_columns(sens) -> pd.DataFrame:
     return cols
 
 
-__all__ = ["run_sensitivity", "scores_key", "hash_model", "hash_calibration", "score_columns", "reuse_scores",
-           "ray_map"]
+__all__ = ["run_sensitivity", "spot_check", "scores_key", "hash_model", "hash_calibration", "score_columns",
+           "reuse_scores", "ray_map"]

@@ -122,7 +122,7 @@ class Study:
             self.options.with_options(**_only_solve(solve_options)).solve
         limits = self.limits(budget)
         self._check(budget)
-        allocation = self.record.allocate(limits, solve, out)
+        allocation = self.record.allocate(limits, solve, out, None if self.live is None else self.live.damage)
         frontier = self.frontier(points=solve.frontier_points, _with_phases=_phase_columns(limits))
         seconds = {"solve": time.perf_counter() - t0}
         return build_result(self, budget, limits, allocation, frontier, solve, evaluate, seconds, out, True)

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
@@ -76,9 +76,9 @@ class StudyRecord:
         opts = dict(self.options.solve.solver_options)
         return {k: opts.get(k) for k in ("allowed", "pinned", "min_bits")}
 
-    def allocate(self, limits: Mapping[str, float], solve, out: str | Path | None):
+    def allocate(self, limits: Mapping[str, float], solve, out: str | Path | None, damage=None):
         where = Path(out) if out is not None else self.out
-        return allocate(self.table, limits, self.costs.fixed, solve, where, progress=False)
+        return allocate(self.table, limits, self.costs.fixed, solve, where, progress=False, damage=damage)
 
     # --- the run directory's record ------------------------------------------------------------------------------
     @staticmethod
@@ -176,10 +176,11 @@ FRONTIER_COLUMNS = ["swept", "budget", "score", "size_mb", "bops", "latency_ms",
 
 
 def allocate(table: pd.DataFrame, limits: Mapping[str, float], fixed: Mapping[str, float], options: SolveOptions,
-             out: Path | None, progress: bool):
+             out: Path | None, progress: bool, damage: Callable[[list[dict[str, str]]], list[float]] | None = None):
     """Run the chosen solver over the table. Ties (within ``tie_tolerance`` of the lowest normalised score) go to
     the fastest where the solver can break them; Optuna is warm-started from the ILP and keeps its study in the run
-    directory."""
+    directory. ``damage`` (configs -> measured damage on the calibration split, from a live study) goes to solvers
+    that measure (``ilp+refine``); such a solver without it is an error that says how to get one."""
     from mpq.solvers import SOLVERS, Problem, split_options
 
     cls = SOLVERS.get(options.solver)
@@ -189,6 +190,11 @@ def allocate(table: pd.DataFrame, limits: Mapping[str, float], fixed: Mapping[st
     problem = Problem(table, limits, fixed, **problem_options)
     if options.solver == "optuna":
         own = _optuna_defaults(problem, own, out, progress)
+    if getattr(cls, "needs_damage", False) and own.get("damage") is None:
+        if damage is None:
+            raise ConfigError(f"solver {options.solver!r} measures the damage of whole configs: it needs the model "
+                              f"(mpq.search, mpq.study(...).solve, or study.attach(model, calib) on a loaded study)")
+        own["damage"] = damage
     return cls.create(**own).allocate(problem)
 
 

@@ -48,6 +48,7 @@ class LiveStudy:
         self.example = calib.example if batch is None else resize_batch(calib.example, batch)
         self.threads = options.profile.threads or torch.get_num_threads()
         self._context = None
+        self._runner = None  # the damage runner (a model copy), made on the first measured solve
 
     # --- the stages ----------------------------------------------------------------------------------------------
     @classmethod
@@ -160,6 +161,19 @@ class LiveStudy:
         record.merge()
 
     # --- evaluation ----------------------------------------------------------------------------------------------
+    def damage(self, configs: list[dict[str, str]]) -> list[float]:
+        """The measured task-loss increase of each whole config (layer -> option) on the calibration split,
+        fake-quantized with the target kernels' numerics and the study's quantizer: what a measuring solver
+        (``ilp+refine``) optimises. One model copy is kept for every call (layers swapped in place)."""
+        from mpq.sensitivity.measured import DeltaRunner
+
+        if self._runner is None:
+            calib = self.calib if self.loss_fn is not None else self.calib.with_pseudo_labels(self.model)
+            with eval_mode(self.model):
+                self._runner = DeltaRunner(self.model, calib.batches, self.inventory, self.target.device,
+                                           self.loss_fn, ("loss",), None, self.quantizer)
+        return [row["loss"] for row in self._runner.measure(configs)]
+
     def context(self):
         """The evaluation stage's view of this study (its fake-quant cache lives across solves)."""
         from mpq.evaluate_stage import EvaluationContext

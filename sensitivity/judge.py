@@ -31,7 +31,7 @@ from mpq.space import SearchSpace, build_search_space, generic_space
 
 log = logging.getLogger(__name__)
 
-ALL = ("hessian", "lrp", "decoupled", "entropy", "measured")
+ALL = ("fisher", "hessian", "lrp", "decoupled", "entropy", "measured")
 
 
 @dataclass

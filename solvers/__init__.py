@@ -1,6 +1,6 @@
 """Solvers: turn per-(layer, option) scores and costs into per-layer choices under a budget.
 
-Every solver is a :class:`Solver` plug-in (``ilp``, ``pareto``, ``greedy``, ``optuna``, ``exhaustive``; add one with
+Every solver is a :class:`Solver` plug-in (``ilp``, ``pareto``, ``greedy``, ``optuna``, ``exhaustive``, ``ilp+refine``; add one with
 :func:`register_solver` or the ``mpq.solvers`` entry point) with one method, ``solve(problem) -> Allocation``, over a
 plain :class:`Problem` (pandas, no torch): a row per (layer, option) with ``score`` and cost columns (``size_mb``,
 ``bops``, ``latency_ms``, and one column per latency phase), limits per cost column, fixed costs outside the layers,
@@ -18,6 +18,7 @@ from mpq.solvers.exhaustive import ExhaustiveSolver, exhaustive_allocate, exhaus
 from mpq.solvers.greedy import GreedySolver, greedy_allocate
 from mpq.solvers.ilp import ILPSolver, ilp_allocate
 from mpq.solvers.optuna_search import OptunaSolver, optuna_allocate
+from mpq.solvers.refine import RefineSolver, refine_allocate
 from mpq.solvers.pareto import (ParetoSolver, frontier_3d, hull_frontier, main_resource, pareto_allocate,
                                 pareto_filter, pareto_filter_nd, pareto_frontier, sweep_frontier, walk_frontier)
 
@@ -47,4 +48,4 @@ __all__ = ["Allocation", "Problem", "Solver", "CONSTRAINTS", "register_solver", 
            "exhaustive_allocate", "exhaustive_frontier", "ExhaustiveSolver", "sweep_frontier", "walk_frontier",
            "hull_frontier", "pareto_frontier", "frontier_3d", "pareto_allocate", "pareto_filter", "pareto_filter_nd",
            "ParetoSolver", "main_resource", "get_solver", "available_solvers", "greedy_allocate", "GreedySolver",
-           "optuna_allocate", "OptunaSolver", "SOLVERS"]
+           "optuna_allocate", "OptunaSolver", "RefineSolver", "refine_allocate", "SOLVERS"]

@@ -17,8 +17,7 @@ from mpq.artifacts import read_run
 from conftest import between_fastest_and_float
 from mpq.config import BitConfig
 
-QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=5, progress=False,
-             sensitivity_options={"max_probes": 16, "min_probes": 8})
+QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=5, progress=False)
 
 
 @pytest.fixture(scope="module")

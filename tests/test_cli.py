@@ -104,6 +104,21 @@ def test_search_with_pareto_solver(tmp_path):
     assert run["solver"].startswith("pareto") and (out / "frontier.csv").exists()
 
 
+def test_search_with_refine_solver(tmp_path):
+    """--solver ilp+refine from the command line: the study supplies the measured damage; run.json records both
+    damages (refined no worse than the ILP's) and the sensitivity spot check's tau."""
+    out = tmp_path / "r"
+    mpq_cli("-q", "search", "--model", "digits-cnn", "--budget", "size=0.3", "--out", str(out), "--profile",
+            "inprocess", "--repeats", "3", "--frontier-points", "4", "--no-evaluate-frontier", "--solver",
+            "ilp+refine", "--solver-options", '{"max_evals": 12, "time_limit": 60}')
+    run = json.loads((out / "run.json").read_text())
+    stats = run["solver_stats"]
+    assert run["solver"] == "ilp+refine" and 1 <= stats["evaluations"] <= 12
+    assert stats["damage"] <= stats["ilp_damage"]
+    assert run["estimator"] == "fisher" and run["sensitivity_cost"]["check"]["pairs"] == 24
+    assert -1 <= run["sensitivity_cost"]["check"]["tau"] <= 1
+
+
 def test_device_arguments():
     import argparse
 

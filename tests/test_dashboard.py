@@ -16,8 +16,7 @@ from conftest import between_fastest_and_float
 from mpq.artifacts import read_run
 from mpq.dashboards import dashboard_data, figures_in, write_dashboard
 
-QUICK = dict(profile="inprocess", repeats=3, warmup=1, frontier_points=5, progress=False,
-             sensitivity_options={"max_probes": 8, "min_probes": 4})
+QUICK = dict(profile="inprocess", repeats=3, warmup=1, frontier_points=5, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def digits_setup(digits_task):
     return digits_task.model, calib, inv, build_search_space(inv, "cpu")
 
 
-@pytest.mark.parametrize("name", ["hessian", "lrp", "decoupled", "entropy", "measured"])
+@pytest.mark.parametrize("name", ["fisher", "hessian", "lrp", "decoupled", "entropy", "measured"])
 def test_every_estimator_one_interface(name, digits_setup):
     model, calib, inv, space = digits_setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -245,7 +245,7 @@ def test_search_with_other_estimators(digits_task):
 
 
 def test_registry_lists_all():
-    assert {"hessian", "lrp", "decoupled", "entropy", "measured"} <= set(available_estimators())
+    assert {"fisher", "hessian", "lrp", "decoupled", "entropy", "measured"} <= set(available_estimators())
 
 
 def test_fake_quantized_config_equals_swapped_runner(digits_setup):

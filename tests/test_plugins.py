@@ -26,7 +26,14 @@ from mpq.solvers import CONSTRAINTS, Problem, exhaustive_allocate
 # --------------------------------------------------------------------------------------------------------------------
 # solvers
 # --------------------------------------------------------------------------------------------------------------------
-SOLVER_OPTIONS = {"optuna": {"n_trials": 150, "seed": 1}}  # everything else runs with its defaults
+def _bits_damage(configs):
+    """A measured damage for ``ilp+refine``: grows with the bits a config gives up (float is 32)."""
+    return [sum((32 - (32 if o == "float" else int(o[1:].split("a")[0]))) ** 1.5 for o in c.values()) / 100
+            for c in configs]
+
+
+SOLVER_OPTIONS = {"optuna": {"n_trials": 150, "seed": 1},  # everything else runs with its defaults
+                  "ilp+refine": {"damage": _bits_damage, "max_evals": 30}}
 
 
 def _table(seed: int, layers: int = 4) -> pd.DataFrame:
