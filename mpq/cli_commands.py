@@ -63,10 +63,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          "--export/--import (to move a table)")
     task = load_task(args.model, args.eval, args.data)
     inv = discover_layers(task.model, task.calib[0][0])
-    device = one_device(args)
-    space = build_search_space(inv, device)
+    from mpq.target import Target
+
+    target = Target.parse(one_device(args))  # the kind of device and its deployment mode (cuda-graph, ...)
+    space = build_search_space(inv, target.device)
     workloads, by_pair = workloads_for(inv, space, args.batch_size)
-    table = profile_workloads(workloads, device, backend=args.profile, address=args.address,
+    table = profile_workloads(workloads, target, backend=args.profile, address=args.address,
                               cache=False if not args.cache else (args.cache_file or True), threads=args.threads,
                               workers=args.workers, repeats=args.repeats, progress=not args.quiet)
     if args.out:

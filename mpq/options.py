@@ -154,7 +154,7 @@ class SpaceOptions:
     def __post_init__(self) -> None:
         from mpq.target import Target
 
-        _frozen_set(self, "device", Target.parse(self.device).name)
+        _frozen_set(self, "device", Target.parse(self.device).spec)  # the kind and its deployment mode
         if self.allowed is not None:
             allowed = [self.allowed] if isinstance(self.allowed, str) else list(self.allowed)
             names = tuple((b if isinstance(b, LayerBits) else LayerBits.parse(str(b))).name for b in allowed)

@@ -234,14 +234,17 @@ def verify(study, allocation, limits: Mapping[str, float], frontier: pd.DataFram
 
 
 def _why(solver_row: Mapping[str, Any], won: Mapping[str, Any], budget_ms: float) -> str:
-    if solver_row["dominated_by"]:
-        return (f"the solver's choice measured {solver_row['measured_ms']:.4g} ms, slower than {won['name']} "
-                f"({won['measured_ms']:.4g} ms) at no more predicted damage")
+    parts = []
     if not solver_row["fits"]:
-        return (f"the solver's choice measured {solver_row['measured_ms']:.4g} ms (predicted "
-                f"{solver_row['predicted_ms']:.4g} ms), over the budget {budget_ms:.4g} ms")
-    return (f"{won['name']} also measured within the budget ({won['measured_ms']:.4g} ms) with less predicted "
-            f"damage ({won['damage']:.4g} vs {solver_row['damage']:.4g})")
+        parts.append(f"the solver's choice measured {solver_row['measured_ms']:.4g} ms (predicted "
+                     f"{solver_row['predicted_ms']:.4g} ms), over the budget {budget_ms:.4g} ms")
+    if solver_row["dominated_by"]:
+        parts.append(f"{'it' if parts else 'the solver' + chr(39) + 's choice'} measured slower than the uniform "
+                     f"{solver_row['dominated_by']} at no more predicted damage")
+    if not parts:
+        parts.append(f"{won['name']} also measured within the budget ({won['measured_ms']:.4g} ms) with less "
+                     f"predicted damage ({won['damage']:.4g} vs {solver_row['damage']:.4g})")
+    return "; ".join(parts) + f"; returned {won['name']}, measured {won['measured_ms']:.4g} ms"
 
 
 def _describe(record: Mapping[str, Any], row: Mapping[str, Any], solver_row: Mapping[str, Any] | None = None) -> str:
