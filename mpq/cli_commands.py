@@ -32,7 +32,7 @@ def _profile_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--cache-file", "--cache", dest="cache_file", default=None,
                     help="profile cache file (default: ~/.cache/mpq/profiles.sqlite)")
     sp.add_argument("--out", default=None, help="write the table as CSV")
-    option_flags(sp, ProfileOptions, skip=("warmup",))
+    option_flags(sp, ProfileOptions, skip=("warmup", "latency_configs"))
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
