@@ -243,14 +243,14 @@ def main(argv=None) -> None:
                                    "goals": {"median_pct": 5.0, "p90_pct": 15.0, "floor_over_best_pct": 5.0},
                                    "results": results})
 
-    for target in targets:
-        for phase in phases:
-            cache = ProfileCache(Path(tempfile.mkdtemp(prefix=f"mpq-latacc-{phase}-")) / "profiles.sqlite")
-            load = competing_load(os.cpu_count() or 1) if phase == "loaded" else contextlib.nullcontext()
-            with load:
-                phase_load = _loadavg()
-                cases = cpu_cases(models) if args.device == "cpu" else gpu_cases(args.blocks, args.tokens)
-                for case, model, inventory, x in cases:
+    for phase in phases:
+        cache = ProfileCache(Path(tempfile.mkdtemp(prefix=f"mpq-latacc-{phase}-")) / "profiles.sqlite")
+        load = competing_load(os.cpu_count() or 1) if phase == "loaded" else contextlib.nullcontext()
+        with load:
+            phase_load = _loadavg()
+            cases = cpu_cases(models) if args.device == "cpu" else gpu_cases(args.blocks, args.tokens)
+            for case, model, inventory, x in cases:
+                for target in targets:  # every mode of a case before the next case (a time limit cuts cases)
                     entry = run_case(case, model, inventory, x, target, args, cache)
                     results.append({"phase": phase, "loadavg_at_start": phase_load, **entry})
                     log.info("%s", json.dumps({k: v for k, v in results[-1].items() if k != "rows"}))

@@ -97,7 +97,8 @@ def test_solve_returns_the_measured_winner_where_the_table_ranks_wrongly(mlp, tm
     result = study.solve(f"latency_ms={budget!r}", out=tmp_path)
     v = result.info["verification"]
     solver_row = next(r for r in v["rows"] if r["name"] == "chosen")
-    assert solver_row["choice"] == Choice(int4).key and not solver_row["fits"], (budget, [r["median_ms"] for r in rows], [(r["name"], r["measured_ms"], r["q1_ms"], r["q3_ms"]) for r in v["rows"]])
+    seen = [(r["name"], r["measured_ms"], r["q1_ms"], r["q3_ms"]) for r in v["rows"]]
+    assert solver_row["choice"] == Choice(int4).key and not solver_row["fits"], (budget, fast_ms, slow_ms, seen)
     assert solver_row["measured_ms"] > budget and solver_row["predicted_ms"] < budget
     assert v["met"] and v["swapped_from"] == "chosen" and v["returned"] != "chosen"
     won = next(r for r in v["rows"] if r["name"] == v["returned"])
