@@ -12,8 +12,10 @@ config measured. The whole run is repeated with a competing CPU load that the be
 noise checks should flag the rows.
 
     flock /tmp/mpq-bench.lock python bench/latency_accuracy.py                   # CPU, bundled models, idle + loaded
-    python bench/latency_accuracy.py --device cuda --mode eager                  # 7B-shaped stack, decode + prefill
-    python bench/latency_accuracy.py --device cuda --mode graph
+    python bench/latency_accuracy.py --device cuda --mode cuda cuda-graph        # 7B-shaped stack, decode + prefill
+
+``--mode`` takes one or more deployment modes (``cuda``/``eager``, ``cuda-graph``/``graph``, ``compile``); the
+result file is rewritten after every case, so a run stopped by a time limit keeps what it finished.
 
 The damage proxy for the frontier is the uniform-quantization noise power, params x 4^-bits: the benchmark judges
 latency predictions, so it needs configs a search would return, not a real sensitivity estimate.
@@ -204,7 +206,8 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--mode", default="eager", help="eager, graph (CUDA) or compile; cuda-graph is read as graph")
+    p.add_argument("--mode", nargs="+", default=["eager"],
+                   help="deployment modes: eager (also spelled cuda or cpu), graph (cuda-graph), compile")
     p.add_argument("--models", nargs="*", default=None, help="CPU: bundled models (default: all)")
     p.add_argument("--blocks", type=int, default=4, help="CUDA: blocks of the 7B-shaped stack")
     p.add_argument("--tokens", nargs="*", type=int, default=[1, 2048], help="CUDA: decode / prefill lengths")
@@ -221,32 +224,46 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("mpq.workers.profiler", "mpq.workers.endtoend"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    mode = args.mode.removeprefix("cuda-").removeprefix("cuda+")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("latency_accuracy --device cuda needs a CUDA GPU; nothing was measured")
-    target = Target.parse(f"{args.device}+{mode}")
+    targets = [Target.parse(f"{args.device}+{mode_of(m)}") for m in args.mode]
     args.threads = args.threads or torch.get_num_threads()
     phases = args.phases or (["idle", "loaded"] if args.device == "cpu" else ["idle"])
     models = args.models or reference_names()
     load_before, t0 = _loadavg(), time.perf_counter()
-    results = []
+    results: list[dict] = []
+    modes = [t.mode for t in targets]
+    name = args.name or f"latency_accuracy_{args.device}" + ("" if modes == ["eager"] else "_" + "_".join(modes))
+
+    def save() -> Path:
+        return write_result(name, {"benchmark": "latency_accuracy", **environment(args.device, args.threads),
+                                   "target": ", ".join(t.spec for t in targets), "threads": args.threads,
+                                   "loadavg_before": load_before, "loadavg_after": _loadavg(),
+                                   "wall_seconds": time.perf_counter() - t0,
+                                   "goals": {"median_pct": 5.0, "p90_pct": 15.0, "floor_over_best_pct": 5.0},
+                                   "results": results})
+
     for phase in phases:
         cache = ProfileCache(Path(tempfile.mkdtemp(prefix=f"mpq-latacc-{phase}-")) / "profiles.sqlite")
         load = competing_load(os.cpu_count() or 1) if phase == "loaded" else contextlib.nullcontext()
         with load:
             phase_load = _loadavg()
             cases = cpu_cases(models) if args.device == "cpu" else gpu_cases(args.blocks, args.tokens)
-            for name, model, inventory, x in cases:
-                entry = run_case(name, model, inventory, x, target, args, cache)
-                results.append({"phase": phase, "loadavg_at_start": phase_load, **entry})
-                print(json.dumps({k: v for k, v in results[-1].items() if k != "rows"}))
-    name = args.name or f"latency_accuracy_{args.device}" + ("" if target.mode == "eager" else f"_{target.mode}")
-    path = write_result(name, {"benchmark": "latency_accuracy", **environment(args.device, args.threads),
-                               "target": target.spec, "threads": args.threads, "loadavg_before": load_before,
-                               "loadavg_after": _loadavg(), "wall_seconds": time.perf_counter() - t0,
-                               "goals": {"median_pct": 5.0, "p90_pct": 15.0, "floor_over_best_pct": 5.0},
-                               "results": results})
-    print(f"wrote {path}")
+            for case, model, inventory, x in cases:
+                for target in targets:  # every mode of a case before the next case (a time limit cuts cases)
+                    entry = run_case(case, model, inventory, x, target, args, cache)
+                    results.append({"phase": phase, "loadavg_at_start": phase_load, **entry})
+                    log.info("%s", json.dumps({k: v for k, v in results[-1].items() if k != "rows"}))
+                    save()  # a run stopped by a time limit keeps every finished case
+    log.info("wrote %s", save())
+
+
+def mode_of(spec: str) -> str:
+    """A deployment mode from its spellings: cuda, cpu, eager -> eager; cuda-graph, cuda+graph, graph -> graph."""
+    text = spec.strip().lower()
+    for prefix in ("cuda-", "cuda+", "cpu+", "cpu-"):
+        text = text.removeprefix(prefix)
+    return "eager" if text in ("cuda", "cpu", "eager", "") else text
 
 
 if __name__ == "__main__":

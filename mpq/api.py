@@ -92,7 +92,7 @@ def search_devices(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Modu
     if not targets or len({t.name for t in targets}) != len(targets):
         raise ConfigError(f"devices {devices!r}: give one or more distinct target devices")
     out = prepare_run_dir(out, options.pop("force", False))
-    results = {t.name: search(model, calib_data, eval_fn, device=t.name,
+    results = {t.name: search(model, calib_data, eval_fn, device=t.spec,
                               out=None if out is None else out / t.slug, **options) for t in targets}
     if out is not None:
         from mpq.dashboards import write_dashboard

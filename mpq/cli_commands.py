@@ -23,10 +23,16 @@ def _profile_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--import", dest="import_", default=None, metavar="FILE.parquet",
                     help="merge a Parquet export into the profile cache (newer measurements win)")
     sp.add_argument("--fingerprint", default=None, help="with --export: only this device fingerprint id")
+    sp.add_argument("--check", action="store_true",
+                    help="re-validate the profile cache: drop invalid, untrusted (measured under load), noisy and "
+                         "stale rows, measure a sample of the rest again; no --model needed")
+    sp.add_argument("--dry-run", action="store_true", help="with --check: report what would go, remove nothing")
+    sp.add_argument("--recheck", type=int, default=8,
+                    help="with --check: rows per fingerprint of this machine measured again (default 8)")
     sp.add_argument("--cache-file", "--cache", dest="cache_file", default=None,
                     help="profile cache file (default: ~/.cache/mpq/profiles.sqlite)")
     sp.add_argument("--out", default=None, help="write the table as CSV")
-    option_flags(sp, ProfileOptions, skip=("warmup",))
+    option_flags(sp, ProfileOptions, skip=("warmup", "latency_configs"))
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -36,6 +42,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from mpq.space import build_search_space
     from mpq.workers import ProfileCache, profile_workloads, workloads_for
 
+    if args.check:
+        from mpq.workers import check_cache
+
+        report = check_cache(ProfileCache(args.cache_file), recheck=args.recheck, dry_run=args.dry_run)
+        print(report.describe())
+        for reason, n in sorted(report.dropped.items()):
+            print(f"  {reason}: {n}")
+        return 0
     if args.export or args.import_:
         store = ProfileCache(args.cache_file)
         if args.import_:
@@ -45,13 +59,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
                   f"{args.export}")
         return 0
     if not args.model:
-        raise SystemExit("mpq profile: give --model (to measure), or --export/--import (to move a table)")
+        raise SystemExit("mpq profile: give --model (to measure), --check (to re-validate the cache), or "
+                         "--export/--import (to move a table)")
     task = load_task(args.model, args.eval, args.data)
     inv = discover_layers(task.model, task.calib[0][0])
-    device = one_device(args)
-    space = build_search_space(inv, device)
+    from mpq.target import Target
+
+    target = Target.parse(one_device(args))  # the kind of device and its deployment mode (cuda-graph, ...)
+    space = build_search_space(inv, target.device)
     workloads, by_pair = workloads_for(inv, space, args.batch_size)
-    table = profile_workloads(workloads, device, backend=args.profile, address=args.address,
+    table = profile_workloads(workloads, target, backend=args.profile, address=args.address,
                               cache=False if not args.cache else (args.cache_file or True), threads=args.threads,
                               workers=args.workers, repeats=args.repeats, progress=not args.quiet)
     if args.out:

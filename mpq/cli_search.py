@@ -14,7 +14,7 @@ log = logging.getLogger("mpq")
 
 # What --resume may change: these act after the study (solving, evaluating) or only say where work runs.
 RESUME_APPLIES = ("budget", "solver", "solver_options", "tie_tolerance", "frontier_points", "evaluate_frontier",
-                  "evaluate_workers", "profile", "address", "workers", "force")
+                  "evaluate_workers", "profile", "address", "workers", "force", "verify", "latency_configs")
 # What it may not: these change the study itself (its scores or measurements); a new run directory is needed.
 RESUME_REFUSES = ("model", "eval", "data", "device", "sensitivity", "sensitivity_options", "quantizer",
                   "quantizer_options", "allowed", "pinned", "threads", "repeats", "warmup", "batch_size", "cache")

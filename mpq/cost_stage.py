@@ -165,12 +165,13 @@ def measure_latency(model: nn.Module, inventory: LayerInventory, space: SearchSp
 
     threads = options.threads or torch.get_num_threads()
     workloads, by_pair = workloads_for(inventory, space)
-    latency = profile_workloads(workloads, target.name, backend=options.profile, address=options.address,
+    latency = profile_workloads(workloads, target, backend=options.profile, address=options.address,
                                 cache=options.cache, threads=threads, warmup=options.warmup,
                                 repeats=options.repeats, workers=options.workers, progress=progress)
+    latency.require_mode(target)  # layer rows, the rest of the model and whole models: one mode
     rest = run_on_target(time_rest_of_model, model, inventory.names, example, options.warmup, options.repeats,
-                         threads=threads, device=target.device, target=target, backend=options.profile,
-                         cpus=threads, address=options.address)
+                         threads=threads, device=target.device, mode=target.mode, target=target,
+                         backend=options.profile, cpus=threads, address=options.address)
     per_row = {}
     for layer in inventory:
         for bits in (FLOAT, *space[layer.name]):

@@ -125,7 +125,7 @@ def fakequant_metrics(ctx: EvaluationContext, choices: Iterable[Choice]) -> dict
 
 
 def _measure_applied(model, inventory, dev, example, eval_fn, candidates, threads, warmup, repeats,
-                     quant: Quantizer) -> tuple[dict, dict, dict]:
+                     quant: Quantizer, mode: str = "eager") -> tuple[dict, dict, dict]:
     """Each candidate applied on the real kernels, timed end to end and evaluated; the chosen config's layers also
     timed in place. Runs where the device is (a Ray task on a node of the target, or here)."""
     from mpq.apply_kernels import apply
@@ -134,8 +134,8 @@ def _measure_applied(model, inventory, dev, example, eval_fn, candidates, thread
     applied = {name: model if name == "float" else apply(copy.deepcopy(model), Choice(choice).to_config(), dev,
                                                          inventory, quantizer=quant)
                for name, choice in candidates.items()}
-    measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev)
-    in_model = time_layers_in_model(applied["chosen"], inventory.names, example, repeats, warmup, threads, dev)
+    measured = time_models(applied, example, warmup, repeats, threads=threads, device=dev, mode=mode)
+    in_model = time_layers_in_model(applied["chosen"], inventory.names, example, repeats, warmup, threads, dev, mode)
     real = {name: float(eval_fn(m)) if eval_fn is not None else float("nan") for name, m in applied.items()}
     return {k: v.as_dict() for k, v in measured.items()}, in_model, real
 
@@ -162,7 +162,7 @@ def _evaluate(ctx: EvaluationContext, summary: pd.DataFrame, candidates: Mapping
     measured, in_model, real = run_on_target(
         _measure_applied, ctx.model, ctx.inventory, ctx.target.device, ctx.example, ctx.eval_fn,
         {k: dict(v) for k, v in candidates.items()}, ctx.threads, ctx.profile.warmup, ctx.profile.repeats,
-        ctx.quantizer, target=ctx.target, backend=ctx.profile.profile, cpus=ctx.threads,
+        ctx.quantizer, ctx.target.mode, target=ctx.target, backend=ctx.profile.profile, cpus=ctx.threads,
         address=ctx.profile.address)
     fq = fakequant_metrics(ctx, [c for n, c in candidates.items() if n != "float"])
     summary = summary.copy()

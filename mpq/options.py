@@ -154,7 +154,7 @@ class SpaceOptions:
     def __post_init__(self) -> None:
         from mpq.target import Target
 
-        _frozen_set(self, "device", Target.parse(self.device).name)
+        _frozen_set(self, "device", Target.parse(self.device).spec)  # the kind and its deployment mode
         if self.allowed is not None:
             allowed = [self.allowed] if isinstance(self.allowed, str) else list(self.allowed)
             names = tuple((b if isinstance(b, LayerBits) else LayerBits.parse(str(b))).name for b in allowed)
@@ -220,6 +220,8 @@ class ProfileOptions:
     warmup: int = option(3, "warm-up calls per workload")
     batch_size: int | None = option(None, "batch to profile and time at (default: the calibration batch)")
     cache: Any = option(True, "measure every workload again instead of reading the profile cache", flag="--no-cache")
+    latency_configs: int = option(16, "configs timed end to end (uniform, latency frontier, random; cached) to choose "
+                                      "the latency predictor by held-out error (0: the table's sum)")
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILE_BACKENDS:
@@ -229,6 +231,10 @@ class ProfileOptions:
         _whole("repeats", self.repeats, 1)
         _whole("warmup", self.warmup, 0)
         _whole("batch_size", self.batch_size, 1, allow_none=True)
+        _whole("latency_configs", self.latency_configs, 0)
+        if 0 < self.latency_configs < 4:
+            raise ConfigError(f"latency_configs={self.latency_configs!r}: choosing a predictor needs at least 4 "
+                              f"measured configs (0 keeps the table's sum)")
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,10 @@ class SolveOptions:
     tie_tolerance: float = option(0.01, "allocations within this much of the lowest normalised score are ties; "
                                         "the fastest of them is chosen (0: the strict optimum)")
     frontier_points: int = option(12, "points per exact frontier before it is spread over the range")
+    verify: bool = option(True, "return the solver's choice unmeasured (default, for a latency budget on a live "
+                                "study: the choice, its frontier neighbours and the uniform baselines are timed "
+                                "end to end and the least-damage one measured within the budget is returned)",
+                          flag="--no-verify")
 
     def __post_init__(self) -> None:
         cls = SOLVERS.get(self.solver)  # an unknown name is a ConfigError naming the registered solvers
@@ -251,6 +261,8 @@ class SolveOptions:
                 self.tie_tolerance < 0:
             raise ConfigError(f"tie_tolerance={self.tie_tolerance!r} must be a non-negative number")
         _whole("frontier_points", self.frontier_points, 1)
+        if not isinstance(self.verify, bool):
+            raise ConfigError(f"verify={self.verify!r} must be True or False")
 
     @property
     def breaks_ties(self) -> bool:

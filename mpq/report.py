@@ -28,9 +28,14 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+MODES = {"eager": "eager (the forward pass as Python launches it)",
+         "graph": "graph (the whole forward captured once as a CUDA graph and replayed)",
+         "compile": "compile (the forward compiled by torch.compile)"}
+
+
 def render_report(run_dir: str | Path) -> str:
     run = read_run(run_dir)
-    parts = _header(run) + _result(run) + _per_layer(run) + _frontier(run) + _how_found(run)
+    parts = _header(run) + _result(run) + _latency(run) + _per_layer(run) + _frontier(run) + _how_found(run)
     kept: pd.DataFrame = run["kept_float_table"]
     if len(kept):
         parts += ["", "## Kept in float", ""]
@@ -55,25 +60,58 @@ def _header(run: dict) -> list[str]:
             + ", ".join(f"{k} <= {_fmt(v)}" for k, v in limits.items()),
             f"- float model: {_fmt(ref.get('size_mb'))} MB, {_fmt(ref.get('bops'))} BOPs, "
             f"{_fmt(ref.get('latency_ms'))} ms at batch {run.get('batch_size')}",
-            f"- metric: {run.get('metric', 'metric')} ({arrow}); latency: median per forward pass"]
+            f"- metric: {run.get('metric', 'metric')} ({arrow}); latency: median per forward pass",
+            f"- deployment mode: {MODES.get(run.get('mode', 'eager'), run.get('mode'))}; target "
+            f"`{run.get('target_spec', run.get('target'))}`: layer table, rest of the model and whole-model timings "
+            f"all in this mode"]
 
 
 def _result(run: dict) -> list[str]:
     metric = run.get("metric", "metric")
     rows = []
     for r in run["summary_table"].to_dict("records"):
-        ratio = r["latency_measured_ms"] / r["latency_predicted_ms"] if r["latency_predicted_ms"] else float("nan")
-        rows.append([LABELS.get(r["name"], r["name"]), r["size_mb"], r["bops"] / 1e9, r["latency_predicted_ms"],
-                     r["latency_measured_ms"], ratio, r["score"], r["metric_fakequant"], r["metric_real"]])
+        pred, meas = r["latency_predicted_ms"], r["latency_measured_ms"]
+        ratio = meas / pred if pred else float("nan")
+        rows.append([LABELS.get(r["name"], r["name"]), r["size_mb"], r.get("bits_per_weight"), r["bops"] / 1e9,
+                     pred, r.get("latency_additive_ms", pred), meas, ratio, r["score"], r["metric_fakequant"],
+                     r["metric_real"]])
+    predictor = (run.get("latency_model") or {}).get("name", "additive")
     return ["", "## Result", "",
-            _table(rows, ["config", "size (MB)", "GBOPs", "latency predicted (ms)", "latency measured (ms)",
-                          "measured / predicted", "score", f"{metric} fake-quant", f"{metric} real kernels"]),
+            _table(rows, ["config", "size (MB)", "bits/weight", "GBOPs", "latency predicted (ms)",
+                          "table sum (ms)", "latency measured (ms)", "measured / predicted", "score",
+                          f"{metric} fake-quant", f"{metric} real kernels"]),
             "", "Score = the estimator's predicted damage, normalised so that every layer at its most aggressive "
-            "option sums to 1 (raw values in scores.csv). Predicted latency = the profile table's per-layer medians "
-            "summed, plus the rest of the forward pass (the float model timed with every layer replaced by its "
-            "recorded output). Measured = the applied model (real integer kernels) timed end to end, all four "
-            "interleaved. Fake-quant emulates each kernel's exact numerics in float; real kernels are PyTorch's own "
-            "integer kernels.", ""]
+            "option sums to 1 (raw values in scores.csv). Bits/weight = stored bits per weight over the quantizable "
+            f"layers (scales and zeros included). Predicted latency = the `{predictor}` predictor (see Latency); "
+            "table sum = the profile table's per-layer medians summed, plus the rest of the forward pass (the float "
+            "model timed with every layer replaced by its recorded output). Measured = the applied model (real "
+            "integer kernels) timed end to end in the deployment mode, interleaved. Fake-quant emulates each "
+            "kernel's exact numerics in float; real kernels are PyTorch's own integer kernels.", ""]
+
+
+def _latency(run: dict) -> list[str]:
+    model = run.get("latency_model") or {}
+    verification = run.get("verification")
+    parts = ["## Latency", ""]
+    parts.append(f"- {model.get('describe', 'latency predictor: additive (the profile table summed)')}")
+    scores = model.get("scores") or {}
+    if scores:
+        parts.append("- held-out error per predictor: " + ", ".join(
+            f"`{n}` median {_fmt(v['median_pct'], 3)}% / p90 {_fmt(v['p90_pct'], 3)}%" for n, v in scores.items()))
+    if verification is None:
+        parts.append("- verification: none needed (no latency limit: size and BOPs are exact)")
+        return parts + [""]
+    parts.append(f"- {verification.get('describe')}")
+    rows = verification.get("rows") or []
+    if rows:
+        parts += ["", _table([[r["name"], "yes" if r.get("uniform") else "", r["damage"], r["predicted_ms"],
+                               r["measured_ms"], r["measured_ms"] / r["predicted_ms"] if r["predicted_ms"] else None,
+                               "yes" if r["fits"] else "no", r.get("dominated_by") or "",
+                               "yes" if r.get("trusted") else "no (under load)", "**yes**" if r.get("chosen") else ""]
+                              for r in rows],
+                             ["candidate", "uniform", "damage", "predicted (ms)", "measured (ms)",
+                              "measured / predicted", "meets budget", "slower than", "trusted", "returned"])]
+    return parts + [""]
 
 
 def _per_layer(run: dict) -> list[str]:

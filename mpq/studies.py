@@ -44,6 +44,32 @@ class Study:
         self.record = record
         self.live = live  # mpq.study_run.LiveStudy, or None for a study read from disk
         self._frontiers: dict[tuple[str, int], pd.DataFrame] = {}
+        self._latency_model = None  # mpq.study_verify.LatencyModel, chosen once per study
+
+    def latency_model(self):
+        """The predictor of whole-model latency this study uses (:mod:`mpq.study_verify`): on a live study, chosen
+        once by held-out error over ``latency_configs`` configs timed end to end; on a study read from disk, the
+        one it chose, fit again on the configs it measured; the table's sum where there are none."""
+        from mpq.cost_stage import MAIN
+        from mpq.study_verify import additive_model, calibrate, refit
+
+        if self._latency_model is None:
+            fixed = float(self.costs.fixed.get(MAIN, 0.0))
+            count = self.options.profile.latency_configs
+            if self.record.latency_info.get("selected"):
+                self._latency_model = refit(self.table, fixed, self.record.latency_info)
+            elif self.live is None or MAIN not in self.table.columns:
+                self._latency_model = additive_model(fixed, "no whole-model measurements: a study loaded from disk")
+            elif count == 0:
+                self._latency_model = additive_model(fixed, "latency_configs=0")
+            else:
+                t0 = time.perf_counter()
+                self._latency_model = calibrate(self, count)
+                self.record.stages_seconds["latency_model"] = time.perf_counter() - t0
+                self.record.latency_info = dict(self._latency_model.info)
+                if self.out is not None:
+                    self.record.save(self.out)
+        return self._latency_model
 
     # --- what the study holds ------------------------------------------------------------------------------------
     @property
@@ -125,7 +151,28 @@ class Study:
         allocation = self.record.allocate(limits, solve, out, None if self.live is None else self.live.damage)
         frontier = self.frontier(points=solve.frontier_points, _with_phases=_phase_columns(limits))
         seconds = {"solve": time.perf_counter() - t0}
-        return build_result(self, budget, limits, allocation, frontier, solve, evaluate, seconds, out, True)
+        model = self.latency_model()
+        allocation, verification = self._verify(allocation, limits, frontier, solve, model)
+        seconds["verify"] = time.perf_counter() - t0 - seconds["solve"]
+        return build_result(self, budget, limits, allocation, frontier, solve, evaluate, seconds, out, True,
+                            model, verification)
+
+    def _verify(self, allocation, limits: Mapping[str, float], frontier: pd.DataFrame, solve, model):
+        """Verify before choosing (:func:`mpq.study_verify.verify`) for a latency budget on a live study; the
+        allocation unchanged and a record saying why not otherwise."""
+        import math
+
+        from mpq.cost_stage import MAIN
+        from mpq.study_verify import verify
+
+        if MAIN not in limits or math.isinf(limits[MAIN]):
+            return allocation, None  # size and BOPs are exact
+        if not solve.verify:
+            return allocation, {"met": None, "describe": "not verified (verify=False)"}
+        if self.live is None:
+            return allocation, {"met": None, "describe": "not verified: a study loaded from disk has no model to "
+                                                         "measure (study.attach(model, ...) first)"}
+        return verify(self, allocation, limits, frontier, model)
 
     def _check(self, budget: Budget) -> None:
         from mpq.cost_stage import check_reachable

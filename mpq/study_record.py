@@ -57,6 +57,26 @@ class StudyRecord:
     command: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     table: pd.DataFrame = field(default_factory=pd.DataFrame)  # costs joined with every score column
+    latency_info: dict[str, Any] = field(default_factory=dict)  # the latency predictor chosen and its configs
+
+    @property
+    def mode(self) -> str:
+        """The target's deployment mode (eager, graph, compile)."""
+        from mpq.target import Target
+
+        return Target.parse(self.options.space.device).mode
+
+    def check_mode(self) -> None:
+        """Refuse latency tables measured in another mode than the target's (a record edited or put together from
+        other runs): their sum would predict another deployment."""
+        from mpq.workers import ModeMismatchError
+
+        for column, info in self.profile_info.items():
+            measured = (info.get("fingerprint") or {}).get("mode", "eager")
+            if measured != self.mode:
+                raise ModeMismatchError(
+                    f"the latency table {column!r} of this study was measured in mode {measured!r} but its target "
+                    f"{self.options.space.device!r} runs in mode {self.mode!r}: profile again for the target")
 
     def merge(self) -> None:
         """The solver's table: every cost column with the estimator's score columns."""
@@ -113,7 +133,8 @@ class StudyRecord:
             "kept_float": self.kept_float.to_dict("records"), "space_notes": self.space_notes,
             "space_size": self.space_size, "batch_size": self.batch_size, "threads": self.threads,
             "sequence_length": self.sequence_length, "profile": self.profile_info,
-            "stages_seconds": self.stages_seconds, "command": self.command, "created": self.created})
+            "stages_seconds": self.stages_seconds, "command": self.command, "created": self.created,
+            "mode": self.mode, "latency_model": self.latency_info})
 
     @staticmethod
     def read_meta(run_dir: Path) -> dict[str, Any]:
@@ -156,7 +177,8 @@ class StudyRecord:
                      int(meta.get("space_size", 0)), int(meta.get("batch_size", 0)), int(meta.get("threads", 0)),
                      meta.get("sequence_length"), dict(meta.get("profile", {})),
                      dict(meta.get("stages_seconds", {})), run_dir, meta.get("command"),
-                     meta.get("created", ""))
+                     meta.get("created", ""), latency_info=dict(meta.get("latency_model") or {}))
+        record.check_mode()
         record.merge()
         return record
 

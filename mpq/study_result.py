@@ -53,7 +53,8 @@ class SearchResult:
 
 
 def build_result(study, budget: Budget, limits: Mapping[str, float], allocation, frontier: pd.DataFrame, solve,
-                 evaluate: bool, seconds: dict[str, float], out: str | Path | None, force: bool):
+                 evaluate: bool, seconds: dict[str, float], out: str | Path | None, force: bool,
+                 latency_model=None, verification: Mapping[str, Any] | None = None):
     from mpq.evaluate_stage import candidates_of, evaluate as measure, predicted_summary
     from mpq.study_record import combined_frontier
 
@@ -61,6 +62,9 @@ def build_result(study, budget: Budget, limits: Mapping[str, float], allocation,
     frontier = combined_frontier([frontier], allocation)
     candidates = candidates_of(record.options_per_layer(), allocation.choice)
     summary = predicted_summary(record.table, record.costs.fixed, candidates, record.costs.latency_columns())
+    summary = with_latency_model(summary, frontier, record.table, latency_model, candidates)
+    summary = with_bits(summary, study, candidates)
+    summary = with_verified(summary, verification)
     in_model: dict[str, float] = {}
     frontier["metric"] = float("nan")
     if evaluate:
@@ -74,6 +78,12 @@ def build_result(study, budget: Budget, limits: Mapping[str, float], allocation,
                                          budget=str(budget), estimator=record.estimator, solver=allocation.solver)
     layers = layer_table(record, allocation.choice, in_model)
     info = run_info(record, budget, limits, allocation, solve, evaluate, seconds)
+    info["latency_model"] = {k: v for k, v in (latency_model.info if latency_model else {}).items()
+                             if k != "configs"}
+    if verification is not None:
+        from mpq.study_verify import to_json
+
+        info["verification"] = to_json(verification)
     main = record.costs.latency.get(MAIN)
     result = SearchResult(config, frontier, layers, record.table, summary, info, main, record.sensitivity,
                           study.live.inventory if study.live else None,
@@ -81,6 +91,53 @@ def build_result(study, budget: Budget, limits: Mapping[str, float], allocation,
     if out is not None:
         write(result, out, force)
     return result
+
+
+def with_latency_model(summary: pd.DataFrame, frontier: pd.DataFrame, table: pd.DataFrame, model,
+                       candidates: Mapping[str, Choice]) -> pd.DataFrame:
+    """``latency_predicted_ms`` from the study's latency predictor (the table's sum kept as
+    ``latency_additive_ms``), in the summary and along the frontier."""
+    summary = summary.copy()
+    summary.insert(list(summary.columns).index("latency_predicted_ms") + 1, "latency_additive_ms",
+                   summary["latency_predicted_ms"])
+    frontier["latency_predicted_ms"] = float("nan")
+    if model is None or MAIN not in table.columns:
+        return summary
+    summary["latency_predicted_ms"] = model.predict(table, [candidates[n] for n in summary["name"]])
+    if len(frontier):
+        keys = list(dict.fromkeys(frontier["choice"]))
+        by_key = dict(zip(keys, model.predict(table, [Choice.from_key(k) for k in keys])))
+        frontier["latency_predicted_ms"] = [float(by_key[k]) for k in frontier["choice"]]
+    return summary
+
+
+def with_bits(summary: pd.DataFrame, study, candidates: Mapping[str, Choice]) -> pd.DataFrame:
+    """Each row's average bits per weight over the quantizable layers, as the device's kernels store them
+    (:func:`mpq.costs.bits_per_weight`; NaN for a study read from disk, which holds no layer inventory)."""
+    from mpq.costs import bits_per_weight
+
+    inventory = study.live.inventory if study.live is not None else study.costs.inventory
+    summary = summary.copy()
+    for col in ("bits_per_weight", "bits_per_weight_nominal"):
+        summary[col] = float("nan")
+    if inventory is None:
+        return summary
+    for i, name in enumerate(summary["name"]):
+        bpw = bits_per_weight(inventory, dict(candidates[name]), study.record.device)
+        summary.loc[i, ["bits_per_weight", "bits_per_weight_nominal"]] = [bpw.with_overhead, bpw.without_overhead]
+    return summary
+
+
+def with_verified(summary: pd.DataFrame, verification: Mapping[str, Any] | None) -> pd.DataFrame:
+    """The measured latency of each row that verification timed end to end (evaluation measures them again)."""
+    rows = {r["choice"]: r for r in (verification or {}).get("rows", [])}
+    summary = summary.copy()
+    for i, key in enumerate(summary["choice"]):
+        r = rows.get(key)
+        if r is not None:
+            summary.loc[i, ["latency_measured_ms", "latency_measured_q1_ms", "latency_measured_q3_ms"]] = \
+                [r["measured_ms"], r.get("q1_ms", float("nan")), r.get("q3_ms", float("nan"))]
+    return summary
 
 
 def write(result, out: str | Path, force: bool = False) -> Path:
@@ -125,7 +182,8 @@ def run_info(record, budget: Budget, limits: Mapping[str, float], allocation, so
     opts = record.options
     profile = dict(record.profile_info.get(MAIN, {}))
     return {
-        "model": record.model_name, "device": record.device, "target": record.target,
+        "model": record.model_name, "device": record.device, "target": record.target, "mode": record.mode,
+        "target_spec": record.options.space.device,
         "fingerprint": profile.pop("fingerprint", {}), "fingerprint_id": profile.pop("fingerprint_id", None),
         "metric": opts.evaluate.metric, "higher_is_better": opts.evaluate.higher_is_better,
         "budget": budget.given(), "budget_text": str(budget), "limits": dict(limits),

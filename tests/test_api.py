@@ -159,7 +159,16 @@ def test_char_lm_latency_budget(lm_study, tmp_path):
     result = study.solve(f"latency_ms={limit!r}", evaluate=True, out=tmp_path)
     chosen = result.row("chosen")
     assert result.info["limits"]["latency_ms"] == pytest.approx(limit)
-    assert chosen["latency_predicted_ms"] <= limit + 1e-9
+    # verified before choosing: the returned config is the one verification returned, measured within the budget
+    v = result.info["verification"]
+    returned = next(r for r in v["rows"] if r["name"] == v["returned"])
+    assert returned["choice"] == chosen["choice"] and v["predictor"] == result.info["latency_model"]["name"]
+    if v["swapped_from"] is None:  # the solver's own choice: within the limit by the table's sum
+        assert chosen["latency_additive_ms"] <= limit + 1e-9
+    if v["met"]:
+        assert returned["fits"] and returned["measured_ms"] <= limit * 1.05
+    else:  # nothing measured within the limit (a busy machine): said so, with the fastest measured
+        assert "NOT met" in v["describe"] and v["fastest"][1] > limit
     assert result.info["kept_float"] == 4 * 2 + 1  # layer norms and the final norm (embeddings are quantizable)
     ppl_float = result.row("float")["metric_real"]
     assert 2.0 < ppl_float < 5.0

@@ -97,3 +97,29 @@ def test_workload_key_round_trips():
     conv = Workload("conv2d", (8, 4, 3, 3), True, (2, 4, 6, 6), (("dilation", (1, 1)), ("groups", 1),
                     ("padding", (1, 1)), ("padding_mode", "zeros"), ("stride", (1, 1))), "w8a8", "k@1", 4096)
     assert Workload.from_key(conv.key) == conv and Workload.from_key(conv.key).key == conv.key
+
+
+def test_profile_check_on_the_command_line_drops_untrusted_rows_and_keeps_trusted_ones(tmp_path):
+    """``mpq profile --check``: a cache holding one workload measured on a quiet machine and one measured while a
+    busy loop competed (as the noise policy judged them here) keeps the first and drops the second."""
+    import subprocess
+    import sys
+
+    store = ProfileCache(tmp_path / "c.sqlite")
+    w = [Workload("linear", (32, 64), True, (8, 64), None, "float", KERNEL),
+         Workload("linear", (64, 64), True, (8, 64), None, "float", KERNEL)]
+    profile_workloads(w[:1], "cpu", backend="inprocess", cache=store, threads=1, warmup=1, repeats=5,
+                      progress=False, policy=NoisePolicy.accept_all())
+    strict = NoisePolicy(max_drift=0.0, spread_factor=0.0, max_other_cores=-1.0, free_share=0.0, min_oncpu=1.01,
+                         retries=0)  # nothing passes: the row is stored as measured under load
+    table = profile_workloads(w[1:], "cpu", backend="inprocess", cache=store, threads=1, warmup=1, repeats=5,
+                              progress=False, policy=strict)
+    assert table.untrusted == 1 and store.count() == 2
+    cmd = [sys.executable, "-m", "mpq.cli", "-q", "profile", "--check", "--cache-file", str(store.path),
+           "--recheck", "0"]
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, check=True)
+    assert "would drop 1 (1 untrusted)" in dry.stdout and store.count() == 2
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "1 kept, dropped 1 (1 untrusted)" in done.stdout and "untrusted: 1" in done.stdout
+    fid = table.fingerprint_id
+    assert set(ProfileCache(store.path).get(fid, [x.key for x in w])) == {w[0].key}

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mpq.workers.cache import ProfileCache
-from mpq.workers.fingerprint import TIMING_VERSION, device_fingerprint
+from mpq.workers.fingerprint import device_fingerprint, timing_version
 from mpq.workers.noise import NoisePolicy
 from mpq.workers.profiler import conditions_with_threads, measure_workloads
 from mpq.workers.workloads import Workload
@@ -78,7 +78,7 @@ def _static_reason(row: dict[str, Any], fp: dict[str, Any], here: dict[str, Any]
     if med is None or not math.isfinite(med) or med <= 0 or (q1 is not None and q3 is not None
                                                               and not q1 <= med <= q3):
         return "invalid"
-    if fp.get("timing") != TIMING_VERSION:
+    if fp.get("timing") != timing_version(fp.get("mode", "eager")):
         return "old-method"
     if here is not None and (fp.get("torch") != here.get("torch") or fp.get("kernels") != here.get("kernels")):
         return "old-software"

@@ -37,6 +37,7 @@ class GraphTiming:
     copies: int
     replays: int
     graph: bool
+    samples: tuple[float, ...] = ()  # per-call ms of each replay
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +124,7 @@ def time_rotating(make_call: Callable[[int], Callable[[], Any]], bytes_per_copy:
         per_call = [s.elapsed_time(e) / (rounds * n) for s, e in events]
         captured = graph is not None  # (the graph, its memory pool and the copies go when this returns)
     med, q1, q3 = _quartiles(per_call)
-    return GraphTiming(med, q1, q3, rounds * n, n, replays, captured)
+    return GraphTiming(med, q1, q3, rounds * n, n, replays, captured, tuple(per_call))
 
 
 def time_flushed(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:

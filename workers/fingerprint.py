@@ -33,6 +33,14 @@ def _cpu_model() -> str:
 # How workloads are timed; rows timed by another method are another device's rows. 2: cold weights rotated over
 # copies, the deployment mode, load evidence and a reference workload around every chunk.
 TIMING_VERSION = 2
+# 3 (graph mode only): layer workloads replayed from one CUDA graph over rotating weight copies
+# (:func:`mpq.workers.cuda_timing.time_rotating`), many calls per replay, instead of one flushed call per replay.
+GRAPH_TIMING_VERSION = 3
+
+
+def timing_version(mode: str = "eager") -> int:
+    """The timing method's version for rows measured in ``mode``."""
+    return GRAPH_TIMING_VERSION if mode == "graph" else TIMING_VERSION
 
 
 def _read(path: str) -> str | None:
@@ -70,7 +78,7 @@ def device_fingerprint(device: str = "cpu", mode: str = "eager") -> dict[str, An
     from mpq.workers.timing import last_level_cache_bytes
 
     dev = normalize_device(device)
-    fp: dict[str, Any] = {"device": dev, "mode": mode, "timing": TIMING_VERSION, "arch": platform.machine(),
+    fp: dict[str, Any] = {"device": dev, "mode": mode, "timing": timing_version(mode), "arch": platform.machine(),
                           "torch": torch.__version__, "kernels": {k.name: k.version for k in kernels_for(dev)}}
     if dev == "cpu":
         fp.update({"name": _cpu_model(), "logical_cores": os.cpu_count(),

@@ -158,21 +158,16 @@ def time_cuda_callable(fn: Callable[[], Any], warmup: int = 3, repeats: int = 15
 
 
 def time_cuda_graph(calls: Sequence[Callable[[], Any]], warmup: int = 3, repeats: int = 15) -> TimingStats:
-    """Per-call GPU time of replays of CUDA graphs of ``calls`` (copies of one workload, rotated over so that
-    their weights are cold).
+    """Per-call GPU time of ``calls`` (copies of one workload, rotated over so that their weights are as cold as
+    inside the model) replayed from one CUDA graph: :func:`mpq.workers.cuda_timing.time_rotating`, each replay
+    running the copies in turn for as many rounds as make it last 2 ms, so that neither launch gaps nor a replay's
+    fixed cost (~5 us on an H100) nor L2 hits flatter the time. A sample is one replay (``inner`` its calls)."""
+    from mpq.workers.cuda_timing import time_rotating
 
-    SEAM (issue 18): ``mpq.workers.cuda_timing.time_graph(calls, warmup=, repeats=) -> TimingStats`` (the gpu
-    helper's timer: graphs over rotating weight copies larger than L2) times here once it exists. Until then one
-    copy is replayed per sample after L2 is evicted by reading (:func:`time_cuda_callable`): weights just as cold,
-    but a sample is one replay, so its fixed cost (~5 us on an H100) is not amortised."""
-    try:
-        from mpq.workers import cuda_timing  # written by the gpu helper
-    except ImportError:
-        cuda_timing = None
-    timer = getattr(cuda_timing, "time_graph", None)
-    if timer is not None:
-        return timer(list(calls), warmup=warmup, repeats=repeats)
-    return time_cuda_callable(calls[0], warmup, repeats, flush_l2=True, graph=True)
+    calls = list(calls)
+    t = time_rotating(lambda i: calls[i % len(calls)], 0, copies=len(calls), replays=max(repeats, 1),
+                      warmup=warmup)
+    return TimingStats.from_samples(list(t.samples), t.calls)
 
 
 def time_calls(calls: Sequence[Callable[[], Any]], warmup: int = 3, repeats: int = 15, min_sample_ms: float = 1.0,

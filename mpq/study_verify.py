@@ -1,0 +1,266 @@
+"""Whole-model latency a live study stands behind: configs applied on the real kernels and timed end to end in the
+target's mode (:func:`mpq.workers.measure_configs`, cached in the profile cache like layer rows), for two uses.
+
+- **The latency predictor** (:func:`calibrate`): after the layer table, ``latency_configs`` configs (the uniform
+  ones, points of the latency frontier, random ones) are measured, and the predictor of
+  :mod:`mpq.solvers.predictors` that predicts held-out configs of this model best is kept
+  (:func:`~mpq.solvers.predictors.select_latency_predictor`). Its predictions are the frontier's and the summary's
+  ``latency_predicted_ms``; the table's sum stays as ``latency_additive_ms``. The measured configs are saved with
+  the study, so a study read back from disk refits the same predictor.
+- **Verify before choosing** (:func:`verify`): for a latency budget, the solver's choice, its nearest neighbours on
+  the latency frontier and the uniform baselines (float, INT8, INT4) that meet the budget's other limits are
+  measured; the returned config is the least-damage one whose measured latency meets the budget within its spread,
+  never one measured slower than a fitting uniform baseline of no more predicted damage
+  (:func:`mpq.workers.verify_candidates`). Size and BOPs are exact: they need no verification.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mpq.config import Choice
+from mpq.cost_stage import MAIN
+
+log = logging.getLogger(__name__)
+Measure = Callable[[list[Mapping[str, str]]], list[dict[str, Any]]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# measuring configs of a live study
+# --------------------------------------------------------------------------------------------------------------------
+def _build(model, device: str, inventory, quantizer, choice: Mapping[str, str]):
+    from mpq.apply_kernels import apply
+
+    return apply(copy.deepcopy(model), Choice(choice).to_config(), device, inventory, quantizer=quantizer)
+
+
+def config_timer(study) -> Measure:
+    """``measure(choices) -> rows``: each config applied on the real kernels and timed end to end on the study's
+    target, in its mode, at the profiled input (:func:`mpq.workers.measure_configs`; cached)."""
+    from mpq.apply_kernels import eval_mode
+    from mpq.workers import measure_configs, model_key
+    from mpq.workers.cluster import run_on_target, runs_remotely
+
+    live, record = study.live, study.record
+    profile = live.options.profile
+    table = record.costs.latency.get(MAIN)
+    remote = runs_remotely(live.target, profile.profile)
+    runner = functools.partial(run_on_target, target=live.target, backend=profile.profile, cpus=live.threads,
+                               address=profile.address) if remote else None
+    build = functools.partial(_build, live.model, live.target.device, live.inventory, live.quantizer)
+    key = model_key(live.model, live.example)
+
+    def measure(choices: list[Mapping[str, str]]) -> list[dict[str, Any]]:
+        with eval_mode(live.model):
+            return measure_configs(build, choices, live.example, live.target, key, cache=profile.cache,
+                                   threads=live.threads, warmup=profile.warmup, repeats=profile.repeats,
+                                   fingerprint=getattr(table, "fingerprint", None) if remote else None,
+                                   runner=runner)
+
+    return measure
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the latency predictor
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LatencyModel:
+    """The latency predictor a study uses: ``name`` (``additive`` when none was selected), the fitted predictor,
+    and what it was chosen on (``info``: held-out scores, the measured configs)."""
+
+    name: str
+    predictor: Any  # an AdditiveLatency subclass of mpq.solvers.predictors
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, table: pd.DataFrame, choices: Sequence[Mapping[str, str]]) -> np.ndarray:
+        return np.asarray(self.predictor.predict(table, [dict(c) for c in choices]), float)
+
+    def describe(self) -> str:
+        return self.info.get("describe") or f"latency predictor: {self.name} (the profile table's sum)"
+
+
+def additive_model(fixed_ms: float, why: str) -> LatencyModel:
+    from mpq.solvers.predictors import AdditiveLatency
+
+    return LatencyModel("additive", AdditiveLatency(fixed_ms), {"name": "additive", "selected": False,
+                                                                "describe": f"latency predictor: additive ({why})"})
+
+
+def _latency_frontier_choices(study, points: int) -> list[dict[str, str]]:
+    front = study.frontier(MAIN, points)
+    keys = list(dict.fromkeys(front["choice"]))
+    idx = sorted(set(np.linspace(0, len(keys) - 1, min(points, len(keys))).round().astype(int))) if keys else []
+    return [dict(Choice.from_key(keys[i])) for i in idx]
+
+
+def calibrate(study, count: int, folds: int = 4, seed: int = 0) -> LatencyModel:
+    """Measure ``count`` configs of the live study end to end (uniform ones, latency-frontier points, random ones)
+    and select the latency predictor that validates best on held-out ones (``folds``-fold)."""
+    from mpq.solvers.predictors import calibration_configs
+
+    table, fixed = study.table, float(study.costs.fixed[MAIN])
+    uniform = len(calibration_configs(table, (), random=0))
+    front = _latency_frontier_choices(study, max(2, (count - uniform) // 2))
+    configs = calibration_configs(table, front, random=0, seed=seed, at_least=count)
+    names = list(configs)[:max(count, 4)]
+    rows = config_timer(study)([configs[n] for n in names])
+    measured = [{"name": n, "choice": Choice(configs[n]).key, "measured_ms": float(r["median_ms"]),
+                 "q1_ms": r.get("q1_ms"), "q3_ms": r.get("q3_ms"), "trusted": int(bool(r.get("trusted"))),
+                 "source": r.get("source")} for n, r in zip(names, rows)]
+    return fit_model(table, fixed, measured, folds, seed)
+
+
+def _choices_and_ms(measured: list[dict[str, Any]]) -> tuple[list[dict[str, str]], list[float]]:
+    return [dict(Choice.from_key(r["choice"])) for r in measured], [float(r["measured_ms"]) for r in measured]
+
+
+def fit_model(table: pd.DataFrame, fixed_ms: float, measured: list[dict[str, Any]], folds: int = 4,
+              seed: int = 0) -> LatencyModel:
+    """The predictor that validates best on whole-model ``measured`` rows (``choice`` key, ``measured_ms``)."""
+    from mpq.solvers.predictors import select_latency_predictor
+
+    choices, ms = _choices_and_ms(measured)
+    sel = select_latency_predictor(table, fixed_ms, choices, ms, folds=folds, seed=seed)
+    untrusted = sum(1 for r in measured if not r.get("trusted"))
+    text = sel.describe() + (f"; {untrusted} of {len(measured)} configs measured under load" if untrusted else "")
+    info = {"name": sel.name, "selected": True, "folds": sel.folds, "scores": sel.scores, "describe": text,
+            "configs": measured, "untrusted": untrusted}
+    log.info(text)
+    return LatencyModel(sel.name, sel.predictor, info)
+
+
+def refit(table: pd.DataFrame, fixed_ms: float, info: Mapping[str, Any]) -> LatencyModel:
+    """The predictor a study selected, fit again on the configs it measured (a study read from disk)."""
+    from mpq.solvers.predictors import LATENCY_PREDICTORS
+
+    name = info.get("name", "additive")
+    if not info.get("selected") or name not in LATENCY_PREDICTORS or not info.get("configs"):
+        return additive_model(fixed_ms, "no whole-model measurements were recorded")
+    try:
+        predictor = LATENCY_PREDICTORS[name](fixed_ms).fit(table, *_choices_and_ms(list(info["configs"])))
+    except Exception as e:  # noqa: BLE001 - e.g. the boosted tree without xgboost installed here
+        return additive_model(fixed_ms, f"the selected {name} could not be fit here: {type(e).__name__}: {e}")
+    return LatencyModel(name, predictor, dict(info))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# verify before choosing
+# --------------------------------------------------------------------------------------------------------------------
+def _totals(table: pd.DataFrame, fixed: Mapping[str, float], choice: Mapping[str, str], columns: Sequence[str]
+            ) -> dict[str, float]:
+    idx = table.set_index(["layer", "option"])
+    picked = idx.loc[list(Choice(choice).items())]
+    return {c: float(picked[c].sum()) + float(fixed.get(c, 0.0)) for c in columns}
+
+
+def _fits_exact(totals: Mapping[str, float], limits: Mapping[str, float]) -> bool:
+    """Within every limit but the main latency one (that one is verified by measurement)."""
+    return all(totals[c] <= v * (1 + 1e-9) + 1e-12 for c, v in limits.items()
+               if c != MAIN and c in totals and not math.isinf(v))
+
+
+def neighbours(frontier: pd.DataFrame, chosen_key: str, chosen_ms: float, k: int) -> list[str]:
+    """The ``k`` latency-frontier points just faster and the ``k`` just slower than the chosen config (keys)."""
+    part = frontier[frontier["swept"] == MAIN] if "swept" in frontier else frontier
+    part = part.drop_duplicates("choice").sort_values(MAIN)
+    part = part[part["choice"] != chosen_key]
+    faster = part[part[MAIN] <= chosen_ms]["choice"].tolist()[-k:]
+    slower = part[part[MAIN] > chosen_ms]["choice"].tolist()[:k]
+    return faster[::-1] + slower
+
+
+def verify(study, allocation, limits: Mapping[str, float], frontier: pd.DataFrame, model: LatencyModel,
+           measure: Measure | None = None, k: int = 2):
+    """Verify ``allocation`` against the main latency limit by measurement (see the module docstring). Returns
+    (the allocation to return, the verification's record for run.json and the report)."""
+    from mpq.evaluate_stage import candidates_of
+    from mpq.solvers import Allocation
+    from mpq.workers import Candidate, verify_candidates
+
+    budget_ms = float(limits[MAIN])
+    table, fixed = study.table, study.costs.fixed
+    columns = [c for c in study.costs.columns() if c in table.columns]
+    base = candidates_of(study.record.options_per_layer(), allocation.choice)
+    named: dict[str, tuple[dict[str, str], bool]] = {"chosen": (dict(allocation.choice), False)}
+    for name in ("float", "uniform_int8", "uniform_int4"):
+        named[name] = (dict(base[name]), True)
+    chosen_add = _totals(table, fixed, allocation.choice, [MAIN])[MAIN]
+    for i, key in enumerate(neighbours(frontier, allocation.key, chosen_add, k)):
+        named[f"neighbour-{i}"] = (dict(Choice.from_key(key)), False)
+    cands, seen = [], {}
+    for name, (choice, uniform) in named.items():
+        key = Choice(choice).key
+        totals = _totals(table, fixed, choice, columns)
+        if key in seen or (name != "chosen" and not _fits_exact(totals, limits)):
+            continue
+        seen[key] = name
+        cands.append(Candidate(name, choice, float(_totals(table, {}, choice, ["score"])["score"]),
+                               float(model.predict(table, [choice])[0]), uniform))
+    verdict = verify_candidates(cands, budget_ms, measure or config_timer(study))
+    record = {"budget_ms": budget_ms, "predictor": model.name, "met": verdict.chosen is not None,
+              "fastest": list(verdict.fastest) if verdict.fastest else None,
+              "rows": [{**{k2: v for k2, v in r.items()}, "choice": Choice(c.choice).key}
+                       for r, c in zip(verdict.rows, cands)]}
+    solver_row = verdict.row("chosen")
+    if verdict.chosen is None:
+        record.update(returned="chosen", swapped_from=None,
+                      reason=f"no candidate measured within the budget; the fastest measured is "
+                             f"{verdict.fastest[0]} at {verdict.fastest[1]:.4g} ms")
+        log.warning("latency budget %.4g ms not met by measurement: %s", budget_ms, record["reason"])
+        record["describe"] = _describe(record, solver_row)
+        return allocation, record
+    won = verdict.row(verdict.chosen.name)
+    record.update(returned=verdict.chosen.name,
+                  swapped_from=None if verdict.chosen.name == "chosen" else "chosen",
+                  reason=None if verdict.chosen.name == "chosen" else _why(solver_row, won, budget_ms))
+    record["describe"] = _describe(record, won, solver_row)
+    log.info(record["describe"])
+    if verdict.chosen.name == "chosen":
+        return allocation, record
+    costs = _totals(table, fixed, verdict.chosen.choice, columns)
+    stats = {**dict(allocation.stats), "verified_swap": verdict.chosen.name}
+    swapped = Allocation(Choice(verdict.chosen.choice), won["damage"], costs, allocation.solver, allocation.status,
+                         stats, allocation.frontier)
+    return swapped, record
+
+
+def _why(solver_row: Mapping[str, Any], won: Mapping[str, Any], budget_ms: float) -> str:
+    parts = []
+    if not solver_row["fits"]:
+        parts.append(f"the solver's choice measured {solver_row['measured_ms']:.4g} ms (predicted "
+                     f"{solver_row['predicted_ms']:.4g} ms), over the budget {budget_ms:.4g} ms")
+    if solver_row["dominated_by"]:
+        parts.append(f"{'it' if parts else 'the solver' + chr(39) + 's choice'} measured slower than the uniform "
+                     f"{solver_row['dominated_by']} at no more predicted damage")
+    if not parts:
+        parts.append(f"{won['name']} also measured within the budget ({won['measured_ms']:.4g} ms) with less "
+                     f"predicted damage ({won['damage']:.4g} vs {solver_row['damage']:.4g})")
+    return "; ".join(parts) + f"; returned {won['name']}, measured {won['measured_ms']:.4g} ms"
+
+
+def _describe(record: Mapping[str, Any], row: Mapping[str, Any], solver_row: Mapping[str, Any] | None = None) -> str:
+    text = (f"verified: measured {row['measured_ms']:.4g} ms vs predicted {row['predicted_ms']:.4g} ms "
+            f"({record['predictor']}) for {row['name']}, budget {record['budget_ms']:.4g} ms")
+    if not record["met"]:
+        return text + f"; NOT met: {record['reason']}"
+    if record.get("swapped_from"):
+        text += f"; swapped from the solver's choice because {record['reason']}"
+    return text
+
+
+def to_json(record: Mapping[str, Any] | None) -> Any:
+    """A verification record as plain JSON values (NaN and numpy scalars made plain)."""
+    return json.loads(json.dumps(record, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+__all__ = ["config_timer", "LatencyModel", "additive_model", "calibrate", "fit_model", "refit", "verify",
+           "neighbours", "to_json"]

@@ -1,0 +1,109 @@
+"""Latency in the study pipeline (issue 18): the latency predictor chosen by held-out error on configs timed end to
+end, verify-before-choosing in ``Study.solve``, and the deployment mode in the record, run.json and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import mpq
+from mpq.config import Choice
+from mpq.cost_stage import MAIN
+from mpq.evaluate_stage import candidates_of
+from mpq.solvers.predictors import LATENCY_PREDICTORS
+from mpq.study_verify import config_timer
+from mpq.workers import ModeMismatchError
+
+QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=4, progress=False,
+             sensitivity_options={"max_probes": 4, "min_probes": 2})
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """An MLP at batch 256: on the CPU kernels its uniform INT4 (w4a16, dequantized per call) runs several times
+    slower than uniform INT8 (w8a8), a gap wide enough to survive a shared machine."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 10)).eval()
+    return model, [torch.randn(256, 512) for _ in range(2)]
+
+
+def test_predictor_chosen_by_held_out_error_and_named_in_the_report(mlp, tmp_path):
+    model, calib = mlp
+    study = mpq.study(model, calib, out=tmp_path / "study", latency_configs=6, **QUICK)
+    result = study.solve("size=0.5", out=tmp_path / "run")
+    lm = result.info["latency_model"]
+    assert lm["name"] in LATENCY_PREDICTORS and lm["selected"]
+    assert set(lm["scores"]) >= {"additive", "additive+affine", "table+correction"}
+    assert all(v["n"] == 6 and v["median_pct"] >= 0 for v in lm["scores"].values())
+    best = min(v["median_pct"] for v in lm["scores"].values())
+    assert lm["scores"][lm["name"]]["median_pct"] <= best + 0.5 + 1e-9  # the best, or a simpler one within margin
+    # the frontier and the summary carry the chosen predictor's latency, the table's sum beside it
+    assert result.frontier["latency_predicted_ms"].map(math.isfinite).all()
+    s = result.summary.set_index("name")
+    assert (s["latency_predicted_ms"] > 0).all() and (s["latency_additive_ms"] > 0).all()
+    assert s.loc["uniform_int4", "bits_per_weight"] < s.loc["uniform_int8", "bits_per_weight"] < 32
+    assert s.loc["float", "bits_per_weight"] == 32 and s.loc["uniform_int4", "bits_per_weight_nominal"] == 4
+    assert "verification" not in result.info  # size is exact: nothing to verify
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["mode"] == "eager" and run["target_spec"] == "cpu" and run["latency_model"]["name"] == lm["name"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"latency predictor: {lm['name']}" in report and "deployment mode: eager" in report
+    assert "bits/weight" in report and "none needed" in report
+
+    # read back from disk: the same predictor, fit again on the configs the study measured; nothing to verify with
+    loaded = mpq.load_study(tmp_path / "study")
+    assert loaded.latency_model().name == lm["name"]
+    keys = list(result.frontier["choice"].head(3))
+    again = loaded.latency_model().predict(loaded.table, [Choice.from_key(k) for k in keys])
+    assert again == pytest.approx(list(result.frontier["latency_predicted_ms"].head(3)), rel=1e-6)
+    res = loaded.solve(f"latency_ms={2 * study.costs.reference[MAIN]!r}")
+    assert res.info["verification"]["met"] is None and "loaded from disk" in res.info["verification"]["describe"]
+
+
+def test_a_study_whose_tables_were_measured_in_another_mode_is_refused(mlp, tmp_path):
+    model, calib = mlp
+    mpq.study(model, calib, out=tmp_path, latency_configs=0, **QUICK)
+    meta = json.loads((tmp_path / "study.json").read_text())
+    assert meta["mode"] == "eager" and meta["profile"][MAIN]["fingerprint"]["mode"] == "eager"
+    meta["options"]["space"]["device"] = "cpu+compile"  # the target now deploys compiled
+    (tmp_path / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(ModeMismatchError, match=r"measured in mode 'eager' but its target 'cpu\+compile'"):
+        mpq.load_study(tmp_path)
+
+
+def test_solve_returns_the_measured_winner_where_the_table_ranks_wrongly(mlp, tmp_path):
+    model, calib = mlp
+    study = mpq.study(model, calib, latency_configs=0, **QUICK)
+    options = study.record.options_per_layer()
+    base = candidates_of(options, Choice({layer: "float" for layer in options}))
+    int8, int4 = dict(base["uniform_int8"]), dict(base["uniform_int4"])
+    rows = config_timer(study)([int8, int4])  # real, cached: verification reads the same rows
+    fast_ms, slow_ms = rows[0]["median_ms"], rows[1]["median_ms"]
+    assert slow_ms > 2 * fast_ms, f"uniform INT4 {slow_ms:.3g} ms vs INT8 {fast_ms:.3g} ms: no gap to test with"
+    budget = math.sqrt(fast_ms * slow_ms)
+    # the table claims uniform INT4 is the fastest config and does no damage: the solver must pick it
+    costs = study.costs.table
+    is_int4 = [int4[layer] == o for layer, o in zip(costs["layer"], costs["option"])]
+    costs.loc[is_int4, MAIN] = 1e-6
+    costs.loc[costs["option"] == "float", MAIN] = 1e3
+    study.costs.fixed[MAIN] = 0.0
+    study.record.merge()
+    study.record.table.loc[is_int4, "score"] = 0.0
+    study._frontiers.clear()
+    result = study.solve(f"latency_ms={budget!r}", out=tmp_path)
+    v = result.info["verification"]
+    solver_row = next(r for r in v["rows"] if r["name"] == "chosen")
+    seen = [(r["name"], r["measured_ms"], r["q1_ms"], r["q3_ms"]) for r in v["rows"]]
+    assert solver_row["choice"] == Choice(int4).key and not solver_row["fits"], (budget, fast_ms, slow_ms, seen)
+    assert solver_row["measured_ms"] > budget and solver_row["predicted_ms"] < budget
+    assert v["met"] and v["swapped_from"] == "chosen" and v["returned"] != "chosen"
+    won = next(r for r in v["rows"] if r["name"] == v["returned"])
+    assert won["fits"] and won["measured_ms"] <= budget * 1.05
+    assert result.row("chosen")["choice"] == won["choice"] != Choice(int4).key
+    assert result.row("chosen")["latency_measured_ms"] == pytest.approx(won["measured_ms"])
+    report = (tmp_path / "report.md").read_text()
+    assert "swapped from the solver's choice because" in report and "over the budget" in report
