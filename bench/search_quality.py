@@ -219,7 +219,7 @@ def oracle_row(ctx: Context, bits: float):
 ROWS: dict[str, Callable] = {"uniform minmax": _uniform_row("minmax"), "uniform gptq": _uniform_row("gptq"),
                              "mixed default": _study_row("ilp"), "mixed refined": _study_row("ilp+refine"),
                              "oracle ilp": oracle_row}
-GRID = [(q, e) for q in ("minmax", "mse", "gptq") for e in ("hessian", "decoupled")]
+GRID = [(q, e) for q in ("minmax", "mse", "gptq") for e in ("fisher", "hessian")]
 _RUNS = tempfile.mkdtemp(prefix="mpq-search-quality-")
 
 
@@ -366,9 +366,10 @@ def main(argv=None) -> None:
     names = args.models.split(",")
     rows = args.rows.split(",")
     if args.grid:
-        for q, e in GRID:
-            ROWS[f"mixed {q}+{e}"] = _mixed_row(q, e)
-            rows.append(f"mixed {q}+{e}")
+        rows += [f"mixed {q}+{e}" for q, e in GRID]
+    for r in rows:  # "mixed QUANTIZER+ESTIMATOR": the search with that quantizer and estimator
+        if r not in ROWS and r.startswith("mixed ") and "+" in r:
+            ROWS[r] = _mixed_row(*r.removeprefix("mixed ").split("+", 1))
     sections = args.sections.split(",")
     out: dict[str, Any] = {"benchmark": "search_quality", "env": environment("cpu"), "budgets_bits":
                            [float(b) for b in args.budgets.split(",")], "rows": rows, "gptq": GPTQ_OPTIONS,

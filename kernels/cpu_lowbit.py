@@ -42,10 +42,12 @@ GROUPS = (32, 64, 128)
 PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 1, 1), 8: (8,)}  # bit-plane widths, low bits first
 SCALE_DTYPE = "float16"  # see BENCHMARKS.md "Scale dtype": fp16's 11-bit precision beats bf16's 8 at 5-8 bits
 EXTENSION = ("mpq_cpu_lowbit", "cpu_lowbit")
-# From this many rows on, a GEMM unpacks the weight once and runs torch's float GEMM (measured on the 2-core AVX-512
-# machine: at 256 rows of char-lm's 512x128 layers 0.48 ms against the fused kernel's 0.93 ms; at 64 rows the fused
-# kernel is still faster, 0.21 against 0.29 ms; bench/cpu_kernels.py times both sides).
+# From this many rows on, a GEMM unpacks the weight one tile of output channels (PREFILL_TILE_BYTES of fp32) at a
+# time and runs torch's float GEMM on it. Measured once on the shared 2-core AVX-512 machine (load about 5): at 256
+# rows of char-lm's 512x128 layers 0.48 ms against the fused kernel's 0.93 ms; at 64 rows the fused kernel is still
+# faster, 0.21 against 0.29 ms. bench/cpu_kernels.py times the installed module (either path) at m = 1, 16, 256.
 PREFILL_M = 128
+PREFILL_TILE_BYTES = 1 << 20
 # 4-bit asymmetric groups stay on PyTorch's tinygemm kernel (w4a16g32/64/128): same bytes, bf16 instead of fp16 scales
 # (the same error at 4 bits, see "Scale dtype"); bench/cpu_kernels.py times both side by side.
 TINYGEMM_W4_ASYM = True
@@ -181,21 +183,23 @@ class LowBitGemm(QuantGemm):
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
         if x.shape[0] >= PREFILL_M:
-            # Prefill-sized inputs: unpack the weight once (mpq_cpu::wembed over every row) and run torch's float
-            # GEMM on bf16-rounded inputs, the numerics of the fused path. The fused kernel unpacks the weights
-            # again for every tile of 6 rows, which costs more than the unpack at this many rows.
-            w = torch.ops.mpq_cpu.wembed(self._rows(), self.packed, self.scale, self.zero, self.bits, self.group,
-                                         self.n, self.k, self.k_pad)
-            x = x.to(torch.bfloat16).float()
-            return torch.addmm(self.bias, x, w.t()) if self.bias is not None else x @ w.t()
+            return self._prefill(x)
         return torch.ops.mpq_cpu.wgemm(x, self.packed, self.scale, self.zero, self.bias, self.bits, self.group,
                                        self.n, self.k_pad)
 
-    def _rows(self) -> Tensor:
-        rows = getattr(self, "_row_ids", None)
-        if rows is None or rows.numel() != self.n:
-            rows = self._row_ids = torch.arange(self.n)
-        return rows
+    def _prefill(self, x: Tensor) -> Tensor:
+        """Prefill-sized inputs: the weight unpacked one tile of output channels at a time (mpq_cpu::wembed, about
+        1 MiB of fp32, never the whole matrix) and torch's float GEMM on bf16-rounded inputs, the fused path's
+        numerics. The fused kernel unpacks the weights again for every 6 rows, which costs more at this many rows."""
+        x = x.to(torch.bfloat16).float()
+        out = torch.empty(x.shape[0], self.n)
+        tile = max(32, PREFILL_TILE_BYTES // (4 * self.k))
+        for n0 in range(0, self.n, tile):
+            n1 = min(self.n, n0 + tile)
+            w = torch.ops.mpq_cpu.wembed(torch.arange(n0, n1), self.packed, self.scale, self.zero, self.bits,
+                                         self.group, self.n, self.k, self.k_pad)
+            out[:, n0:n1] = x @ w.t() if self.bias is None else torch.addmm(self.bias[n0:n1], x, w.t())
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group={self.group or 'channel'}, " \

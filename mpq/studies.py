@@ -251,7 +251,9 @@ def study(model, calib_data, eval_fn: Callable | None = None, *, budgets: Iterab
     budgets = [_budget(b) for b in (budgets if isinstance(budgets, (list, tuple)) else [budgets])]
     record, live = LiveStudy.run(model, calib_data, eval_fn, opts, budgets, out=out, force=force, loss_fn=loss_fn,
                                  model_name=model_name, progress=progress, command=command)
-    return Study(record, live)
+    made = Study(record, live)
+    made.latency_model()  # budget-independent (whole-model timings of a few dozen configs): here, not in a solve
+    return made
 
 
 def load_study(run_dir: str | Path) -> Study:

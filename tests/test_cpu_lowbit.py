@@ -201,3 +201,18 @@ def test_no_compiler_means_no_options_and_one_warning(tmp_path):
     assert "w8a16" in result["options"] and not any(o.endswith("sym") for o in result["options"])
     warnings = [line for line in proc.stderr.splitlines() if "low-bit CPU kernels are unavailable" in line]
     assert len(warnings) == 1 and "no-such-compiler" in warnings[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_prefill_tiles_of_output_channels_equal_fake_quant(monkeypatch, bias):
+    """At prefill sizes the weight is unpacked a tile of channels at a time (never whole): several tiles, the last
+    one short, give fake-quant's output for every option."""
+    monkeypatch.setattr(lowbit, "PREFILL_TILE_BYTES", 4 * 96 * 40)  # 40 channels a tile: 40, 40, 20
+    torch.manual_seed(5)
+    module, x = nn.Linear(96, 100, bias=bias), torch.randn(lowbit.PREFILL_M + 2, 96)
+    layer = _one_layer(module, x)
+    kernel = next(k for k in kernels_for("cpu") if k.name == lowbit.CpuLowBit.name)
+    for bits in kernel.options(layer):
+        with torch.no_grad():
+            y, y_fake = kernel.quantize_module(module, layer, bits)(x), FakeQuantLayer(module, kernel.scheme(bits))(x)
+        torch.testing.assert_close(y, y_fake, rtol=1e-5, atol=1e-5, msg=bits.name)

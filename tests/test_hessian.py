@@ -117,5 +117,5 @@ def test_scores(digits_task):
 def test_registry():
     assert isinstance(get_estimator("hessian"), HessianTraceEstimator)
     with pytest.raises(ValueError, match="unknown sensitivity estimator 'nope'; available: decoupled, entropy, "
-                                         "hessian, lrp, measured"):
+                                         "fisher, hessian, lrp, measured"):
         get_estimator("nope")

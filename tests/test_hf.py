@@ -119,7 +119,7 @@ def test_llama_search_with_gptq(tmp_path):
                         quantizer_options={"block": 32}, out=tmp_path, metric="perplexity", higher_is_better=False,
                         **QUICK)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["meta"]["quantizer"] == {"name": "gptq", "damp": 0.01, "block": 32, "act_order": False,
+    assert saved["quantizer"] == {"name": "gptq", "damp": 0.01, "block": 32, "act_order": False,
                                           "clip": False, "max_batches": None}
     applied = mpq.apply(copy.deepcopy(model), BitConfig.load(tmp_path / "config.json"), calib_data=calib)
     assert perplexity_eval(held)(applied) == pytest.approx(result.row("chosen")["metric_real"], rel=1e-6)

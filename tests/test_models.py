@@ -71,4 +71,6 @@ def test_llama7b_shaped_dedups_to_a_few_workloads():
     workloads, by_pair = workloads_for(inventory, build_search_space(inventory, "cpu"))
     shapes = {w.weight_shape for w in workloads}
     assert shapes == {(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)}
-    assert len(by_pair) > 1000 and len({w.key for w in workloads}) < 40
+    # one workload per (kind, shape, option): 7663 (layer, option) pairs measured as about 150 workloads
+    keys = {w.key for w in workloads}
+    assert len(by_pair) > 1000 and len(keys) == len({(w.kind, w.weight_shape, w.option) for w in workloads}) < 200

@@ -162,7 +162,10 @@ def test_embedding_options_are_weight_only_and_tied_head_is_counted_once():
     torch.testing.assert_close(q(ids), model(ids), rtol=0.05, atol=0.05)
     plain = nn.Sequential(nn.Embedding(32, 16), nn.Linear(16, 4))
     opts = mpq.build_search_space(discover_layers(plain, ids), "cpu")["0"]
-    assert [b.name for b in opts] == ["float", "w8af", "w4af", "w2af"]
+    # fbgemm's row-wise 8/4/2-bit tables, and mpq's own row-wise lookup at 2-8 bits (symmetric or not): weight-only
+    assert [b.name for b in opts] == ["float", "w8af", "w8afsym", "w6afasym", "w6afsym", "w5afasym", "w5afsym", "w4af",
+                                      "w4afsym", "w3afasym", "w3afsym", "w2af", "w2afsym"]
+    assert all(b.a_bits is None for b in opts)
 
 
 def test_layers_fed_one_tensor_share_one_hessian():

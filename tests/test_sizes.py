@@ -78,16 +78,16 @@ def test_applied_config_weighs_its_predicted_size(zoo, name):
 def test_bits_per_weight_and_budgets_in_bits(zoo):
     model, inv = zoo["char-lm"]
     linears = [l.name for l in inv if l.kind == "linear"]
-    cfg = {n: LayerBits.parse("w2a16g32sym") for n in linears}
+    cfg = {n: LayerBits.parse("w2a16g64asym") for n in linears}
     bpw = bits_per_weight(inv, cfg, "cpu")
     w_lin = sum(inv[n].n * inv[n].k for n in linears)
     w_all = sum(l.n * l.k for l in inv)
     emb = w_all - w_lin  # embeddings stay float32
     assert bpw.weights == w_all
     assert bpw.without_overhead == pytest.approx((2 * w_lin + 32 * emb) / w_all)
-    assert bpw.with_overhead == pytest.approx((2.5 * w_lin + 32 * emb) / w_all)  # one fp16 scale per 32
+    assert bpw.with_overhead == pytest.approx((2.5 * w_lin + 32 * emb) / w_all)  # one fp16 scale and zero per 64
     # a size in bits per weight: the uniform 2.5-bit config fits exactly, with the biases and kept-float parts
-    uniform = {l.name: "w2a16g32sym" if l.kind == "linear" else "w2afsym" for l in inv}
+    uniform = {l.name: "w2a16g64asym" if l.kind == "linear" else "w2afsym" for l in inv}
     everything = bits_per_weight(inv, uniform, "cpu")
     assert everything.without_overhead == pytest.approx(2.0)
     size = inv.float_bytes_other() + sum(layer_size_bytes(l, LayerBits.parse(o), "cpu") for l, o in

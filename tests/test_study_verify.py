@@ -17,8 +17,7 @@ from mpq.solvers.predictors import LATENCY_PREDICTORS
 from mpq.study_verify import config_timer
 from mpq.workers import ModeMismatchError
 
-QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=4, progress=False,
-             sensitivity_options={"max_probes": 4, "min_probes": 2})
+QUICK = dict(profile="inprocess", repeats=5, warmup=1, frontier_points=4, progress=False)
 
 
 @pytest.fixture(scope="module")
