@@ -43,10 +43,12 @@ PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 1, 1), 8: (8,)}  # bit-
 SCALE_DTYPE = "float16"  # see BENCHMARKS.md "Scale dtype": fp16's 11-bit precision beats bf16's 8 at 5-8 bits
 EXTENSION = ("mpq_cpu_lowbit", "cpu_lowbit")
 # From this many rows on, a GEMM unpacks the weight one tile of output channels (PREFILL_TILE_BYTES of fp32) at a
-# time and runs torch's float GEMM on it. Measured once on the shared 2-core AVX-512 machine (load about 5): at 256
-# rows of char-lm's 512x128 layers 0.48 ms against the fused kernel's 0.93 ms; at 64 rows the fused kernel is still
-# faster, 0.21 against 0.29 ms. bench/cpu_kernels.py times the installed module (either path) at m = 1, 16, 256.
-PREFILL_M = 128
+# time and runs torch's float GEMM on it; below, the fused kernel, which unpacks the weights again for every 6 rows.
+# Measured on the idle 2-core AVX-512 VM (2 threads, per-channel 2/4-bit): 512x128 at 128 / 256 / 2048 rows, fused
+# 0.41 / 0.73 / 6.5 ms against unpack 0.23 + float GEMM 0.07 / 0.13 / 0.86 ms; 4096x4096 at 128 / 256 rows, fused
+# 59-64 / 117-124 ms against unpack 80-85 + GEMM 17 / 29 ms. The unpack (about 5 ns a weight) is what keeps large
+# layers from float speed at 256 rows.
+PREFILL_M = 256
 PREFILL_TILE_BYTES = 1 << 20
 # 4-bit asymmetric groups stay on PyTorch's tinygemm kernel (w4a16g32/64/128): same bytes, bf16 instead of fp16 scales
 # (the same error at 4 bits, see "Scale dtype"); bench/cpu_kernels.py times both side by side.
@@ -276,7 +278,7 @@ class CpuLowBit(Kernel):
 
     @property
     def version(self) -> str:  # the profile cache keys on it: the SIMD path changes the speed
-        return f"2-{code_path()}"  # 2: prefill-sized inputs unpack once and run torch's GEMM
+        return f"2-{code_path()}"  # 2: prefill-sized inputs unpack tiles and run torch's GEMM
 
     def available(self) -> bool:
         return extension_error() is None
