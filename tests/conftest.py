@@ -63,3 +63,13 @@ def between_fastest_and_float(study, column="latency_ms") -> float:
     fastest = float(study.table.groupby("layer")[column].min().sum()) + study.costs.fixed[column]
     flt = study.costs.reference[column]
     return fastest + 0.5 * (flt - fastest) if flt > fastest else fastest * (1 + 1e-6)
+
+
+def _lowbit_missing() -> bool:
+    from mpq.kernels.cpu_lowbit import extension_error
+
+    return extension_error() is not None
+
+
+# tests whose expected options include mpq's own CPU kernels (built just in time: needs a C++ compiler)
+NEEDS_LOWBIT = pytest.mark.skipif(_lowbit_missing(), reason="mpq's CPU low-bit kernels did not build here")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mpq
+from conftest import NEEDS_LOWBIT
 from mpq.config import BitConfig, LayerBits
 from mpq.costs import packed_weight_bytes
 from mpq.errors import ConfigError
@@ -140,6 +141,7 @@ def test_rowwise_embedding_pack_is_exact_and_matches_fakequant(bits):
     assert kernel.weight_bytes(layer, lb) == 50 * 24 * bits // 8 + 50 * (8 if bits == 8 else 4)
 
 
+@NEEDS_LOWBIT
 def test_embedding_options_are_weight_only_and_tied_head_is_counted_once():
     class Tied(nn.Module):
         def __init__(self):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import mpq
+from conftest import NEEDS_LOWBIT
 from mpq.config import BitConfig, LayerBits
 from mpq.costs import MB, bits_per_weight, build_cost_table, explain_unreachable, layer_size_bytes, size_for_bits
 from mpq.kernel_registry import kernels_for
@@ -75,6 +76,7 @@ def test_applied_config_weighs_its_predicted_size(zoo, name):
     assert _model_bytes(applied) == round(predicted)
 
 
+@NEEDS_LOWBIT
 def test_bits_per_weight_and_budgets_in_bits(zoo):
     model, inv = zoo["char-lm"]
     linears = [l.name for l in inv if l.kind == "linear"]
