@@ -128,9 +128,13 @@ def test_untrusted_measurement_never_replaces_a_trusted_row(busy_machine, tmp_pa
     fid = first.fingerprint_id
     row = store.get(fid, [w.key])[w.key]
     assert row["trusted"] == 1
-    # the trusted row claims a very slow reference: stale, so it is measured again, under the spinners' load
+    # the trusted row claims a very slow reference: stale, so it is measured again, under the spinners' load and a
+    # policy no measurement passes (an on-CPU share above 1), so the new row is untrusted whatever the load detector
+    # makes of this machine's moment
     store.put(first.fingerprint, fid, [{**row, "key": w.key, "ref_ms": 1e6}])
-    again = profile_workloads([w], backend="inprocess", cache=store, threads=1, progress=False, **FAST)
+    never = NoisePolicy(min_oncpu=1.5, retries=0)
+    again = profile_workloads([w], backend="inprocess", cache=store, threads=1, progress=False, policy=never,
+                              **FAST)
     assert again.stats["remeasured_stale"] == 1 and again.measured == 1 and again.untrusted == 1
     kept = store.get(fid, [w.key])[w.key]
     assert kept["trusted"] == 1 and kept["ref_ms"] == 1e6  # the cache still holds the trusted measurement
