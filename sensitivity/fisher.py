@@ -114,11 +114,7 @@ def fisher_diagonals(model: nn.Module, calib: CalibrationSet, names: list[str], 
                     backward += 1
                     samples += m
     finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+        _restore(model, was_training, handles, saved)
     out = {}
     for n in names:
         f = fisher[n] / max(backward, 1)
@@ -176,11 +172,7 @@ def output_fisher_terms(model: nn.Module, calib: CalibrationSet, names: list[str
             backward += 1
             samples += m
     finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+        _restore(model, was_training, handles, saved)
     return {k: 0.5 * v / max(samples, 1) for k, v in sums.items()}, backward, samples
 
 
@@ -252,3 +244,12 @@ class FisherEstimator(SensitivityEstimator):
         stats = pd.DataFrame([{"layer": n, "fisher_sum": float(fisher[n].sum()),
                                "fisher_mean": float(fisher[n].mean())} for n in names])
         return rows, stats, backward, samples
+
+
+def _restore(model, was_training: bool, handles, saved) -> None:
+    """Undo what a gradient pass set up: its hooks, the parameters' requires_grad flags, the train/eval mode."""
+    for h in handles:
+        h.remove()
+    for p, flag in saved.items():
+        p.requires_grad_(flag)
+    model.train(was_training)
