@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one device call: build the CUDA extensions, run the GPU tests, run the GPU benchmarks.
 # On the device machine (see ../shared/device/README.md): carry .whl (nvidia-cutlass, pulp, ...) and
-#   bash bench/gpu_suite.sh [tests] [kernels] [e2e]   # default: all; results to bench/results/ (and $OUT)
+#   bash bench/gpu_suite.sh [tests] [kernels] [latacc] [e2e]   # default: tests kernels e2e; results to bench/results/ (and $OUT)
 # Builds are cached in $MPQ_CACHE_DIR (default .devcache/ here); the built libraries come back as
 # $OUT/cache_*.tgz: unpack them into $MPQ_CACHE_DIR/kernels (carry it) to skip those builds on a later call.
 set -uo pipefail
@@ -90,8 +90,11 @@ for step in $steps; do
         echo "$f: $(tail -1 "$out/gpu_tests.log")"
       done ;;
     kernels) python3 bench/gpu_kernels.py --all-configs && cp bench/results/gpu_kernels.json "$out"/ ;;
+    latacc) timeout "${MPQ_LATACC_TIMEOUT:-400}" python3 bench/latency_accuracy.py --device cuda --blocks 2 --configs 30 \
+              --frontier 8 --random 14 --repeats 10 --folds 5 ${MPQ_LATACC_ARGS:---mode cuda cuda-graph --tokens 1 2048}; \
+            cp bench/results/latency_accuracy_cuda*.json "$out"/ ;;
     e2e) timeout "${MPQ_E2E_TIMEOUT:-900}" python3 bench/gpu_e2e.py --blocks 4 && cp bench/results/gpu_e2e.json "$out"/ ;;
-    *) echo "unknown step $step (tests, kernels, e2e)"; exit 2 ;;
+    *) echo "unknown step $step (tests, kernels, latacc, e2e)"; exit 2 ;;
   esac
   echo "step $step took $((SECONDS - start)) s"
 done

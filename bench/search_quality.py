@@ -12,6 +12,7 @@ counted): ``w{b}a16sym`` (per channel, one fp16 scale per output channel: b + 16
 
 - ``uniform minmax`` / ``uniform gptq``: that format everywhere, rounded by min-max or GPTQ (act-order, MSE-clipped
   ranges); evaluated as the kernel computes it (fake-quant of the kernel's numerics equals the kernel's output);
+- ``random``: the best 10 % of 30 random configs within the budget (the 3rd best on held-out data);
 - ``mixed default``: ``mpq.search`` with its defaults (its wall time recorded), the chosen config applied on the
   real kernels;
 - ``mixed refined``: the same study solved with ``solver="ilp+refine"`` (the ILP's choice improved by a measured
@@ -216,9 +217,48 @@ def oracle_row(ctx: Context, bits: float):
     return config, seconds, applied
 
 
+def random_configs(table, limit_mb: float, fixed_mb: float, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` random configs within ``limit_mb``: each layer's option drawn uniformly, then random layers moved to
+    a random smaller option until the config fits."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sizes = {l: dict(zip(g["option"], g["size_mb"])) for l, g in table.groupby("layer", sort=False)}
+    out = []
+    while len(out) < n:
+        choice = {l: list(o)[rng.integers(len(o))] for l, o in sizes.items()}
+        while fixed_mb + sum(sizes[l][o] for l, o in choice.items()) > limit_mb + 1e-12:
+            movable = [l for l, o in choice.items() if min(sizes[l].values()) < sizes[l][o]]
+            if not movable:
+                break
+            l = movable[rng.integers(len(movable))]
+            smaller = [o for o, v in sizes[l].items() if v < sizes[l][choice[l]]]
+            choice[l] = smaller[rng.integers(len(smaller))]
+        if fixed_mb + sum(sizes[l][o] for l, o in choice.items()) <= limit_mb + 1e-12:
+            out.append(choice)
+    return out
+
+
+def random_row(ctx: Context, bits: float, n: int = 30):
+    """The best 10 % of ``n`` random configs within the budget (the 3rd best of 30 on held-out data), on the real
+    kernels with the default study's quantizer."""
+    import mpq
+
+    study = default_study(ctx)
+    t0 = time.perf_counter()
+    scored = []
+    for choice in random_configs(study.costs.table, budget_mb(ctx, bits), study.costs.fixed["size_mb"], n):
+        config = BitConfig({layer: LayerBits.parse(opt) for layer, opt in choice.items()})
+        model = mpq.apply(copy.deepcopy(ctx.model), config, inventory=ctx.inv, quantizer=study.live.quantizer)
+        scored.append((heldout_metric(ctx.task, model, ctx.model)[1], config, model))
+    scored.sort(key=lambda t: t[0])  # perplexity or NLL: lower is better
+    _, config, model = scored[max(0, round(0.1 * n) - 1)]
+    return config, time.perf_counter() - t0, model
+
+
 ROWS: dict[str, Callable] = {"uniform minmax": _uniform_row("minmax"), "uniform gptq": _uniform_row("gptq"),
-                             "mixed default": _study_row("ilp"), "mixed refined": _study_row("ilp+refine"),
-                             "oracle ilp": oracle_row}
+                             "random": random_row, "mixed default": _study_row("ilp"),
+                             "mixed refined": _study_row("ilp+refine"), "oracle ilp": oracle_row}
 GRID = [(q, e) for q in ("minmax", "mse", "gptq") for e in ("fisher", "hessian")]
 _RUNS = tempfile.mkdtemp(prefix="mpq-search-quality-")
 

@@ -2,7 +2,7 @@
 
     import mpq
     result = mpq.search(model, calib_batches, eval_fn, budget=mpq.Budget(size=0.3))
-    mpq.apply(model, result.config)          # swaps layers for real integer kernels
+    mpq.apply(model, result.config, calib_data=calib_batches)   # real integer kernels (GPTQ rounds on calib)
 
     study = mpq.study(model, calib_batches, eval_fn)   # sensitivity and latencies once
     for b in ("size=0.25", "size=0.35", "latency=0.7"):

@@ -56,7 +56,7 @@ def search(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], flo
     ``options`` are every stage's options (:mod:`mpq.options`, all validated before anything runs), with the same
     names and defaults as before studies existed: ``device="cpu"`` (or ``"cuda"``, or a kind of Ray node such as
     ``"cuda:h100"``); ``allowed``, ``pinned``; ``sensitivity="fisher"`` (an estimator or a weighted combination
-    such as ``"0.7*fisher+0.3*lrp"``) and ``sensitivity_options``; ``quantizer="minmax"`` (``"mse"``, ``"gptq"``)
+    such as ``"0.7*fisher+0.3*lrp"``) and ``sensitivity_options``; ``quantizer="gptq"`` (``"mse"``, ``"minmax"``)
     and ``quantizer_options``; ``profile="ray"`` (or ``"inprocess"``), ``address``, ``workers``, ``threads``,
     ``repeats=15``, ``warmup=3``, ``batch_size``, ``cache=True``; ``solver="ilp"`` (``"pareto"``, ``"greedy"``,
     ``"optuna"``, ``"exhaustive"``, ``"ilp+refine"``: the ILP's choice improved by a measured local search, options

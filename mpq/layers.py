@@ -51,6 +51,7 @@ class LayerInfo:
     conv: dict[str, Any] | None = None  # stride, padding, dilation, groups
     transposed: bool = False  # the module stores its weight [in, out] (HF Conv1D)
     tied_to: str | None = None  # the kept-float module whose weight this layer shares (a tied LM head)
+    float_dtype: str = "float32"  # the weight's dtype (torch name without "torch."): what the float layer runs in
 
     @property
     def n(self) -> int:
@@ -197,7 +198,7 @@ def _static_info(name: str, m: nn.Module) -> LayerInfo:
     params = m.weight.numel() + (bias.numel() if bias is not None else 0)
     return LayerInfo(name=name, kind=kind, weight_shape=tuple(weight_matrix(m).shape), params=params,
                      has_bias=bias is not None, weight_bytes_per_elem=m.weight.element_size(), conv=conv,
-                     transposed=is_hf_conv1d(m))
+                     transposed=is_hf_conv1d(m), float_dtype=str(m.weight.dtype).removeprefix("torch."))
 
 
 def custom_subclass_reason(m: nn.Module) -> str | None:

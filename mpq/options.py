@@ -178,8 +178,9 @@ class SensitivityOptions:
                                                                   '\'{"max_probes": 64}\'')
     sensitivity_check: int = option(24, "single-layer options whose damage is measured after scoring, to report "
                                         "the estimator's Kendall tau with the run (0: none)")
-    quantizer: Any = option("minmax", "how each option's integers are chosen: minmax, mse clipping, gptq error "
-                                      "feedback", choices=_quantizer_names)
+    quantizer: Any = option("gptq", "how each option's integers are chosen: gptq error feedback (act-order, "
+                                    "MSE-clipped ranges; chosen by bench/search_quality.py), mse clipping, minmax",
+                            choices=_quantizer_names)
     quantizer_options: Mapping[str, Any] | None = option(None, 'the quantizer\'s options as JSON, e.g. '
                                                                 '\'{"act_order": true}\'')
 
@@ -251,6 +252,11 @@ class SolveOptions:
                                 "study: the choice, its frontier neighbours and the uniform baselines are timed "
                                 "end to end and the least-damage one measured within the budget is returned)",
                           flag="--no-verify")
+    check_uniform: bool = option(True, "return the solver's choice without comparing it with the uniform configs "
+                                       "(default, on a live study: the choice and the fitting uniform configs of "
+                                       "least predicted damage are measured on the calibration split, and a "
+                                       "uniform one that measures less damage is returned)",
+                                 flag="--no-check-uniform")
 
     def __post_init__(self) -> None:
         cls = SOLVERS.get(self.solver)  # an unknown name is a ConfigError naming the registered solvers
@@ -261,8 +267,9 @@ class SolveOptions:
                 self.tie_tolerance < 0:
             raise ConfigError(f"tie_tolerance={self.tie_tolerance!r} must be a non-negative number")
         _whole("frontier_points", self.frontier_points, 1)
-        if not isinstance(self.verify, bool):
-            raise ConfigError(f"verify={self.verify!r} must be True or False")
+        for name in ("verify", "check_uniform"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
 
     @property
     def breaks_ties(self) -> bool:

@@ -10,7 +10,8 @@ are, and fake-quant, the sensitivity estimators and :func:`mpq.apply` all see th
   never does worse than min-max.
 - ``gptq``: GPTQ (Frantar et al.): columns are rounded one at a time and each rounding error is spread over the
   not-yet-rounded columns through the inverse Hessian ``H = 2 X^T X`` of the layer's calibration inputs, with
-  damping, lazy blocks of columns, optional act-order (static groups then) and group-wise scales.
+  damping, lazy blocks of columns, act-order (static groups then), MSE-clipped ranges and group-wise scales; the
+  default of the search.
 
 Hessians come from the *float* model's inputs, so each layer's result depends only on the layer and its format and
 is cached per (layer, format): the search asks for the same layer at many formats, and for the same format in many
@@ -204,7 +205,9 @@ class GPTQQuantizer(Quantizer):
     time; ``act_order`` rounds columns by decreasing Hessian diagonal (group ranges are then taken from the original
     weights, "static groups", so that groups stay contiguous as the kernels store them); ``clip`` chooses each group's
     range by MSE clipping as the ``mse`` quantizer does (GPTQ's reference code offers the same). Layers without a
-    Hessian (embeddings are lookups) fall back to min-max, or to MSE clipping with ``clip``.
+    Hessian (embeddings are lookups) fall back to min-max, or to MSE clipping with ``clip``. Both are on by
+    default: with them GPTQ is the search's default quantizer (it won every bundled model's search-quality rows
+    against min-max and MSE clipping, ``bench/search_quality.py``, 2026-12-03).
 
     Memory: one float32 ``K x K`` Hessian per distinct layer input, kept for the search (layers fed the same tensor,
     like q/k/v or gate/up, share one); collection runs over ``layers_per_pass`` layers per pass over the calibration
@@ -214,7 +217,7 @@ class GPTQQuantizer(Quantizer):
     name = "gptq"
     needs_calibration = True
 
-    def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = False, clip: bool = False,
+    def __init__(self, damp: float = 0.01, block: int = 128, act_order: bool = True, clip: bool = True,
                  max_batches: int | None = None, layers_per_pass: int | None = None, device: str | None = None):
         super().__init__()
         if not 0 <= damp < 1 or block < 1:

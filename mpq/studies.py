@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 
 from mpq.budget import Budget, Phase
+from mpq.config import Choice
 from mpq.cost_stage import CostTables
 from mpq.errors import BudgetError, ConfigError
 from mpq.options import StudyOptions
@@ -147,8 +148,15 @@ class Study:
         solve = self.options.solve if not solve_options else \
             self.options.with_options(**_only_solve(solve_options)).solve
         limits = self.limits(budget)
-        self._check(budget)
-        allocation = self.record.allocate(limits, solve, out, None if self.live is None else self.live.damage)
+        floor = self._check(budget, limits)
+        if floor is None:
+            allocation = self.record.allocate(limits, solve, out, None if self.live is None else self.live.damage)
+        else:  # below the table's floor, not below the measured one: the measured config is the start
+            from mpq.study_verify import floor_allocation
+
+            allocation = floor_allocation(self, floor)
+        if floor is None and solve.check_uniform and self.live is not None:
+            allocation = self._against_uniform(allocation, limits)
         frontier = self.frontier(points=solve.frontier_points, _with_phases=_phase_columns(limits))
         seconds = {"solve": time.perf_counter() - t0}
         model = self.latency_model()
@@ -156,6 +164,48 @@ class Study:
         seconds["verify"] = time.perf_counter() - t0 - seconds["solve"]
         return build_result(self, budget, limits, allocation, frontier, solve, evaluate, seconds, out, True,
                             model, verification)
+
+    def _against_uniform(self, allocation, limits: Mapping[str, float], candidates: int = 4):
+        """The solver's choice or a uniform config, whichever measures less damage on the calibration split: the
+        ``candidates`` uniform configs of least predicted damage that fit every limit (latency by the study's
+        predictor) are measured beside the choice. A per-layer table sums damages that interact; a uniform config
+        is the one point such sums misprice most often (measured: bench/search_quality.py, issue 19)."""
+        import math
+
+        from mpq.cost_stage import MAIN
+        from mpq.solvers import Allocation
+        from mpq.solvers.predictors import calibration_configs
+        from mpq.study_verify import config_totals
+
+        table = self.table
+        columns = [c for c in self.costs.columns() if c in table.columns]
+        pairs = set(zip(table["layer"], table["option"]))
+        fitting = []
+        for name, choice in calibration_configs(table, (), random=0).items():
+            if not name.startswith("uniform-") or Choice(choice).key == allocation.key or \
+                    any(p not in pairs for p in choice.items()):
+                continue
+            totals = config_totals(table, self.costs.fixed, choice, columns)
+            judged = dict(totals)
+            if MAIN in limits and not math.isinf(limits[MAIN]):
+                judged[MAIN] = float(self.latency_model().predict(table, [choice])[0])
+            if all(judged[c] <= v * (1 + 1e-9) + 1e-12 for c, v in limits.items() if c in judged):
+                fitting.append((config_totals(table, {}, choice, ["score"])["score"], name, choice, totals))
+        fitting = sorted(fitting, key=lambda f: f[0])[:candidates]
+        if not fitting:
+            return allocation
+        measured = self.live.damage([dict(allocation.choice), *[f[2] for f in fitting]])
+        record = {"chosen": measured[0], **{f[1]: m for f, m in zip(fitting, measured[1:])}}
+        best = min(range(len(fitting)), key=lambda i: measured[1 + i])
+        stats = {**dict(allocation.stats), "uniform_check": record}
+        if measured[1 + best] >= measured[0]:
+            return Allocation(allocation.choice, allocation.score, allocation.costs, allocation.solver,
+                              allocation.status, stats, allocation.frontier)
+        _, name, choice, totals = fitting[best]
+        log.info("uniform check: %s measured %.4g damage on the calibration split vs %.4g for the solver's choice: "
+                 "returned", name, measured[1 + best], measured[0])
+        return Allocation(Choice(choice), fitting[best][0], totals, allocation.solver, allocation.status,
+                          {**stats, "uniform_swap": name}, allocation.frontier)
 
     def _verify(self, allocation, limits: Mapping[str, float], frontier: pd.DataFrame, solve, model):
         """Verify before choosing (:func:`mpq.study_verify.verify`) for a latency budget on a live study; the
@@ -174,10 +224,22 @@ class Study:
                                                          "measure (study.attach(model, ...) first)"}
         return verify(self, allocation, limits, frontier, model)
 
-    def _check(self, budget: Budget) -> None:
-        from mpq.cost_stage import check_reachable
+    def _check(self, budget: Budget, limits: Mapping[str, float] | None = None):
+        """A :class:`BudgetError` for a budget no allocation meets. The main latency limit of a live study is
+        checked against the latency measured end to end when the table's sum says no
+        (:func:`mpq.study_verify.check_latency_floor`): returns the measured floor's config when it meets the
+        limit, None otherwise."""
+        from mpq.cost_stage import MAIN, check_reachable
 
-        check_reachable(self.costs, budget, self.record.restrictions(), self.column_of)
+        try:
+            check_reachable(self.costs, budget, self.record.restrictions(), self.column_of)
+        except BudgetError as e:
+            if limits is None or self.live is None or MAIN not in limits:
+                raise
+            from mpq.study_verify import check_latency_floor
+
+            return check_latency_floor(self, e, limits, self.latency_model())
+        return None
 
     # --- frontiers -----------------------------------------------------------------------------------------------
     def frontier(self, resource: str | None = None, points: int | None = None, *,

@@ -23,7 +23,7 @@ from mpq.config import QuantizerSpec
 from mpq.cost_stage import MAIN, add_latency, check_reachable, phase_example, resize_batch, sequence_length, \
     static_costs
 from mpq.costs import MB
-from mpq.errors import ConfigError
+from mpq.errors import BudgetError, ConfigError
 from mpq.layers import LayerInventory, discover_layers
 from mpq.options import StudyOptions
 from mpq.space import SearchSpace, build_search_space
@@ -68,7 +68,7 @@ class LiveStudy:
             live._check(record, budgets)  # size and BOPs: nothing measured or scored yet
             live._prepare_quantizer(record)
             live._measure(record, budgets)
-            live._check(record, budgets)  # latency limits too, before the estimator
+            live._check(record, budgets, measured=True)  # latency limits too, before the estimator
             live._score(record)
         record.stages_seconds["study"] = time.perf_counter() - t_start
         if out is not None:
@@ -102,9 +102,26 @@ class LiveStudy:
         record.stages_seconds["discover"] = time.perf_counter() - t_start
         return record
 
-    def _check(self, record: StudyRecord, budgets: list[Budget]) -> None:
+    def _check(self, record: StudyRecord, budgets: list[Budget], measured: bool = False) -> None:
+        """Every budget's reachability from the cost table; once latency is profiled (``measured``), a main
+        latency limit below the table's floor is checked by timing the fastest configs end to end
+        (:func:`mpq.study_verify.check_latency_floor`) before the estimator runs."""
+        column_of = lambda p: p.column(record.sequence_length)  # noqa: E731
         for budget in budgets:
-            check_reachable(record.costs, budget, record.restrictions(), lambda p: p.column(record.sequence_length))
+            try:
+                check_reachable(record.costs, budget, record.restrictions(), column_of)
+            except BudgetError as e:
+                if not measured or MAIN not in e.smallest:
+                    raise
+                from types import SimpleNamespace
+
+                from mpq.study_verify import additive_model, check_latency_floor
+
+                before = additive_model(float(record.costs.fixed.get(MAIN, 0.0)), "before the estimator")
+                # what the floor reads of a study (its tables and this live half), before a Study exists
+                view = SimpleNamespace(record=record, live=self, costs=record.costs, table=record.costs.table)
+                check_latency_floor(view, e, budget.resolve(record.costs.reference, column_of), before,
+                                    table=record.costs.table)
 
     def _prepare_quantizer(self, record: StudyRecord) -> None:
         t0 = time.perf_counter()

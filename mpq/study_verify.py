@@ -108,15 +108,37 @@ def calibrate(study, count: int, folds: int = 4, seed: int = 0) -> LatencyModel:
     from mpq.solvers.predictors import calibration_configs
 
     table, fixed = study.table, float(study.costs.fixed[MAIN])
-    uniform = len(calibration_configs(table, (), random=0))
-    front = _latency_frontier_choices(study, max(2, (count - uniform) // 2))
-    configs = calibration_configs(table, front, random=0, seed=seed, at_least=count)
-    names = list(configs)[:max(count, 4)]
+    front = _latency_frontier_choices(study, max(2, count // 4))
+    configs = calibration_configs(table, front, random=max(1, count // 4), seed=seed)
+    names = spread_configs(configs, table, fixed, max(count, 4))
     rows = config_timer(study)([configs[n] for n in names])
     measured = [{"name": n, "choice": Choice(configs[n]).key, "measured_ms": float(r["median_ms"]),
                  "q1_ms": r.get("q1_ms"), "q3_ms": r.get("q3_ms"), "trusted": int(bool(r.get("trusted"))),
                  "source": r.get("source")} for n, r in zip(names, rows)]
     return fit_model(table, fixed, measured, folds, seed)
+
+
+def spread_configs(configs: Mapping[str, Mapping[str, str]], table: pd.DataFrame, fixed_ms: float, count: int
+                   ) -> list[str]:
+    """``count`` names of ``configs`` to measure: every frontier and random one, and uniform ones spread evenly
+    over the table's latency range (float and the fastest and slowest among them). A space with 30-odd uniform
+    configs would otherwise fill the set with the first ones by name (all 2- to 4-bit), and the predictor would
+    extrapolate to INT8 and float, the configs a search compares against."""
+    from mpq.solvers.predictors import AdditiveLatency
+
+    uniform = [n for n in configs if n.startswith("uniform-")]
+    others = [n for n in configs if not n.startswith("uniform-")]
+    k = max(2, count - len(others))
+    if uniform:
+        ms = AdditiveLatency(fixed_ms).predict(table, [dict(configs[n]) for n in uniform])
+        ordered = [uniform[i] for i in np.argsort(ms, kind="stable")]
+        idx = sorted(set(np.linspace(0, len(ordered) - 1, min(k, len(ordered))).round().astype(int)))
+        picked = [ordered[i] for i in idx]
+        if "uniform-float" in configs and "uniform-float" not in picked:
+            picked[len(picked) // 2] = "uniform-float"
+    else:
+        picked = []
+    return (picked + others)[:count]
 
 
 def _choices_and_ms(measured: list[dict[str, Any]]) -> tuple[list[dict[str, str]], list[float]]:
@@ -155,7 +177,7 @@ def refit(table: pd.DataFrame, fixed_ms: float, info: Mapping[str, Any]) -> Late
 # --------------------------------------------------------------------------------------------------------------------
 # verify before choosing
 # --------------------------------------------------------------------------------------------------------------------
-def _totals(table: pd.DataFrame, fixed: Mapping[str, float], choice: Mapping[str, str], columns: Sequence[str]
+def config_totals(table: pd.DataFrame, fixed: Mapping[str, float], choice: Mapping[str, str], columns: Sequence[str]
             ) -> dict[str, float]:
     idx = table.set_index(["layer", "option"])
     picked = idx.loc[list(Choice(choice).items())]
@@ -193,17 +215,17 @@ def verify(study, allocation, limits: Mapping[str, float], frontier: pd.DataFram
     named: dict[str, tuple[dict[str, str], bool]] = {"chosen": (dict(allocation.choice), False)}
     for name in ("float", "uniform_int8", "uniform_int4"):
         named[name] = (dict(base[name]), True)
-    chosen_add = _totals(table, fixed, allocation.choice, [MAIN])[MAIN]
+    chosen_add = config_totals(table, fixed, allocation.choice, [MAIN])[MAIN]
     for i, key in enumerate(neighbours(frontier, allocation.key, chosen_add, k)):
         named[f"neighbour-{i}"] = (dict(Choice.from_key(key)), False)
     cands, seen = [], {}
     for name, (choice, uniform) in named.items():
         key = Choice(choice).key
-        totals = _totals(table, fixed, choice, columns)
+        totals = config_totals(table, fixed, choice, columns)
         if key in seen or (name != "chosen" and not _fits_exact(totals, limits)):
             continue
         seen[key] = name
-        cands.append(Candidate(name, choice, float(_totals(table, {}, choice, ["score"])["score"]),
+        cands.append(Candidate(name, choice, float(config_totals(table, {}, choice, ["score"])["score"]),
                                float(model.predict(table, [choice])[0]), uniform))
     verdict = verify_candidates(cands, budget_ms, measure or config_timer(study))
     record = {"budget_ms": budget_ms, "predictor": model.name, "met": verdict.chosen is not None,
@@ -226,11 +248,76 @@ def verify(study, allocation, limits: Mapping[str, float], frontier: pd.DataFram
     log.info(record["describe"])
     if verdict.chosen.name == "chosen":
         return allocation, record
-    costs = _totals(table, fixed, verdict.chosen.choice, columns)
+    costs = config_totals(table, fixed, verdict.chosen.choice, columns)
     stats = {**dict(allocation.stats), "verified_swap": verdict.chosen.name}
     swapped = Allocation(Choice(verdict.chosen.choice), won["damage"], costs, allocation.solver, allocation.status,
                          stats, allocation.frontier)
     return swapped, record
+
+
+def measured_floor(study, limits: Mapping[str, float], model: LatencyModel, measure: Measure | None = None,
+                   uniform: int = 4, table: pd.DataFrame | None = None):
+    """The smallest latency measured among the fastest configs that meet ``limits``' other limits: the
+    predictor's fastest config and the ``uniform`` uniform configs of smallest predicted latency
+    (:func:`mpq.workers.reachable_floor`; cached like every whole-model timing). None when no such config fits
+    the other limits (then the table's floor is all there is to report). ``table``: the cost table to read
+    (default the study's; before the estimator has run, its cost table)."""
+    from mpq.solvers.predictors import calibration_configs, fastest_choice
+    from mpq.workers import reachable_floor
+
+    table = study.table if table is None else table
+    fixed = study.costs.fixed
+    columns = [c for c in study.costs.columns() if c in table.columns]
+    pool = {"fastest": fastest_choice(table, model.predictor),
+            **{n: c for n, c in calibration_configs(table, (), random=0).items() if n.startswith("uniform-")}}
+    pairs = set(zip(table["layer"], table["option"]))
+    fitting = {n: c for n, c in pool.items() if all(p in pairs for p in c.items())  # pinned layers: no float
+               and _fits_exact(config_totals(table, fixed, c, columns), limits)}
+    if not fitting:
+        return None
+    names = list(fitting)
+    predicted = model.predict(table, [fitting[n] for n in names])
+    keep = ["fastest"] if "fastest" in fitting else []
+    keep += [n for _, n in sorted(zip(predicted, names)) if n != "fastest"][:uniform]
+    return reachable_floor({n: fitting[n] for n in keep}, measure or config_timer(study))
+
+
+def check_latency_floor(study, error, limits: Mapping[str, float], model: LatencyModel,
+                        table: pd.DataFrame | None = None, measure: Measure | None = None):
+    """A main latency limit below the profile table's floor (``error``, a :class:`~mpq.errors.BudgetError`) on a
+    live study, checked by measurement: the table's sum is a prediction. Returns the measured
+    :class:`~mpq.workers.Floor` when a config measured end to end meets the limit; otherwise raises a
+    ``BudgetError`` whose smallest reachable latency is the one measured (the table's is kept in the message).
+    ``error`` is raised unchanged when another limit fails too or nothing fits the other limits."""
+    from mpq.errors import BudgetError
+
+    failing = {c for c, lim in limits.items() if c in error.smallest and lim < error.smallest[c] - 1e-12}
+    if failing != {MAIN}:
+        raise error
+    floor = measured_floor(study, limits, model, measure, table=table)
+    if floor is None:
+        raise error
+    limit = float(limits[MAIN])
+    if floor.ms <= limit:
+        log.info("latency_ms <= %.4g ms is below the profile table's floor %.4g ms but %s measured %.4g ms end to "
+                 "end: reachable", limit, error.smallest[MAIN], floor.name, floor.ms)
+        return floor
+    raise BudgetError(
+        f"budget cannot be met: latency_ms <= {limit:.6g} ms is below the smallest latency measured end to end, "
+        f"{floor.ms:.6g} ms ({floor.name}, in the target's mode; the profile table's sum says "
+        f"{error.smallest[MAIN]:.6g} ms)", {**error.smallest, MAIN: floor.ms}) from None
+
+
+def floor_allocation(study, floor):
+    """The measured floor's config as the solver's allocation (the table's sum rules it out; the measurement
+    does not): verification then measures it beside its frontier neighbours and the uniform baselines."""
+    from mpq.solvers import Allocation
+
+    table = study.table
+    columns = [c for c in study.costs.columns() if c in table.columns]
+    return Allocation(Choice(floor.choice), config_totals(table, {}, floor.choice, ["score"])["score"],
+                      config_totals(table, study.costs.fixed, floor.choice, columns), "measured-floor", "feasible",
+                      {"measured_floor_ms": floor.ms, "measured_floor_config": floor.name})
 
 
 def _why(solver_row: Mapping[str, Any], won: Mapping[str, Any], budget_ms: float) -> str:
@@ -263,4 +350,4 @@ def to_json(record: Mapping[str, Any] | None) -> Any:
 
 
 __all__ = ["config_timer", "LatencyModel", "additive_model", "calibrate", "fit_model", "refit", "verify",
-           "neighbours", "to_json"]
+           "spread_configs", "measured_floor", "check_latency_floor", "floor_allocation", "neighbours", "to_json"]

@@ -138,7 +138,7 @@ def test_resume_reuses_sensitivity(digits_task, digits_run):
 
 def test_apply_chosen_config(digits_run, digits_task):
     result, out, _ = digits_run
-    model = mpq.apply(copy.deepcopy(digits_task.model), out / "config.json")
+    model = mpq.apply(copy.deepcopy(digits_task.model), out / "config.json", calib_data=digits_task.calib)
     quantized = {n for n, b in result.config.layers.items() if not b.is_float}
     for name in quantized:
         assert not isinstance(model.get_submodule(name), (torch.nn.Conv2d, torch.nn.Linear))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mpq
+from mpq.apply_kernels import prepared_quantizer
 from mpq.config import BitConfig
 from mpq.evaluators import classification_eval, lm_batches, perplexity_eval
 from mpq.fakequant import fake_quantize
@@ -86,10 +87,11 @@ def test_hf_family_search_apply_evaluate(family, tmp_path):
     chosen = result.row("chosen")
     assert chosen["size_mb"] <= result.info["limits"]["size_mb"] + 1e-9
     assert result.config.quantized(), "a 40% size budget cannot be met in float"
-    applied = mpq.apply(copy.deepcopy(model), result.config)
+    applied = mpq.apply(copy.deepcopy(model), result.config, calib_data=calib)
     real = eval_fn(applied)
     assert real == pytest.approx(chosen["metric_real"], rel=1e-6)
-    fake = eval_fn(fake_quantize(model, result.config, "cpu"))
+    quant = prepared_quantizer(result.config.quantizer, model, calib, inv)
+    fake = eval_fn(fake_quantize(model, result.config, "cpu", quantizer=quant))  # the same integers
     assert real == pytest.approx(fake, rel=0.05, abs=0.02)
     assert (tmp_path / "dashboard.html").exists()
 
@@ -119,8 +121,8 @@ def test_llama_search_with_gptq(tmp_path):
                         quantizer_options={"block": 32}, out=tmp_path, metric="perplexity", higher_is_better=False,
                         **QUICK)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["quantizer"] == {"name": "gptq", "damp": 0.01, "block": 32, "act_order": False,
-                                          "clip": False, "max_batches": None}
+    assert saved["quantizer"] == {"name": "gptq", "damp": 0.01, "block": 32, "act_order": True,
+                                          "clip": True, "max_batches": None}
     applied = mpq.apply(copy.deepcopy(model), BitConfig.load(tmp_path / "config.json"), calib_data=calib)
     assert perplexity_eval(held)(applied) == pytest.approx(result.row("chosen")["metric_real"], rel=1e-6)
 

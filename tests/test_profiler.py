@@ -115,3 +115,20 @@ def test_measurements_are_positive(lm_workloads, fresh_cache):
     assert (t.frame["median_ms"] > 0).all() and (t.frame["q1_ms"] <= t.frame["median_ms"]).all()
     assert (t.frame["median_ms"] <= t.frame["q3_ms"]).all()
     assert all(math.isfinite(v) for v in t.frame["std_ms"])
+
+
+def test_workloads_run_in_the_models_float_dtype():
+    """A bf16 model's float layers are timed in bf16 (an fp32 copy reads twice the bytes); fp32 keys stay as they
+    were before the dtype was recorded, so existing caches keep their rows."""
+    from mpq.workers.workloads import Workload
+
+    for dtype, expect in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).to(dtype)
+        inv = discover_layers(model, torch.randn(4, 64, dtype=dtype))
+        workloads, by_pair = workloads_for(inv, build_search_space(inv, "cpu"))
+        w = by_pair[("0", "float")]
+        assert inv["0"].float_dtype == expect and w.dtype == expect
+        assert ('"dtype"' in w.key) == (expect != "float32")
+        assert Workload.from_key(w.key) == w
+        module, x = w.build("cpu")
+        assert module.weight.dtype == dtype and x.dtype == dtype and module(x).dtype == dtype

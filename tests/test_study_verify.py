@@ -93,7 +93,7 @@ def test_solve_returns_the_measured_winner_where_the_table_ranks_wrongly(mlp, tm
     study.record.merge()
     study.record.table.loc[is_int4, "score"] = 0.0
     study._frontiers.clear()
-    result = study.solve(f"latency_ms={budget!r}", out=tmp_path)
+    result = study.solve(f"latency_ms={budget!r}", out=tmp_path, check_uniform=False)  # the rigged choice stays
     v = result.info["verification"]
     solver_row = next(r for r in v["rows"] if r["name"] == "chosen")
     seen = [(r["name"], r["measured_ms"], r["q1_ms"], r["q3_ms"]) for r in v["rows"]]
@@ -106,3 +106,65 @@ def test_solve_returns_the_measured_winner_where_the_table_ranks_wrongly(mlp, tm
     assert result.row("chosen")["latency_measured_ms"] == pytest.approx(won["measured_ms"])
     report = (tmp_path / "report.md").read_text()
     assert "swapped from the solver's choice because" in report and "over the budget" in report
+
+
+def test_a_latency_below_the_tables_floor_is_judged_by_measurement(mlp):
+    """The table's sum is a prediction: where it says a latency cannot be reached, the fastest configs are timed
+    end to end; a limit they meet is solved (and verified), one below them names the measured floor."""
+    model, calib = mlp
+    study = mpq.study(model, calib, latency_configs=0, **QUICK)
+    options = study.record.options_per_layer()
+    int8 = dict(candidates_of(options, Choice({layer: "float" for layer in options}))["uniform_int8"])
+    fast_ms = config_timer(study)([int8])[0]["median_ms"]
+    floor0 = study.costs.fixed[MAIN] + study.costs.table.groupby("layer")[MAIN].min().sum()
+    factor = max(10.0, 10 * fast_ms / floor0)  # a table that overestimates every layer (and the rest) that much
+    study.costs.table[MAIN] *= factor
+    study.costs.fixed[MAIN] *= factor
+    study.record.merge()
+    study._frontiers.clear()
+    table_floor = study.costs.fixed[MAIN] + study.costs.table.groupby("layer")[MAIN].min().sum()
+    budget = 3 * fast_ms  # wide: the test may share the machine
+    assert table_floor > budget, (table_floor, fast_ms)
+    result = study.solve(f"latency_ms={budget!r}")
+    v = result.info["verification"]
+    assert v["met"], v["describe"]
+    won = next(r for r in v["rows"] if r["name"] == v["returned"])
+    assert won["measured_ms"] <= budget * 1.05
+    with pytest.raises(mpq.BudgetError, match="smallest latency measured end to end") as e:
+        study.solve(f"latency_ms={0.01 * fast_ms!r}")
+    floor = e.value.smallest[MAIN]
+    assert 0.01 * fast_ms < floor < table_floor  # the measured floor, not the table's
+    assert f"the profile table's sum says {table_floor:.6g}" in str(e.value)
+
+
+def test_a_uniform_config_that_measures_less_damage_replaces_the_solvers_choice(mlp, monkeypatch):
+    """check_uniform: the solver's choice and the fitting uniform configs of least predicted damage are measured
+    on the calibration split (here a stub that ranks them); the least measured damage is returned, within the
+    budget, and the numbers are kept in the solver's stats."""
+    model, calib = mlp
+    study = mpq.study(model, calib, latency_configs=0, **QUICK)
+    seen: list[list[dict]] = []
+
+    def damage(configs):
+        seen.append(configs)
+        # the solver's choice (first) measures worst; among uniform configs the one with most 8-bit layers wins
+        return [1.0] + [0.5 - 0.1 * sum(o.startswith("w8") for o in c.values()) for c in configs[1:]]
+
+    monkeypatch.setattr(study.live, "damage", damage)
+    limit = 0.5 * study.costs.reference["size_mb"]
+    result = study.solve(f"size_mb={limit!r}")
+    stats = result.info["solver_stats"]
+    uniform = seen[-1][1:]
+    assert uniform and len(uniform) <= 4 and all(len(set(c.values()) - {"float"}) == 1 for c in uniform)
+    assert stats["uniform_swap"].startswith("uniform-") and stats["uniform_check"]["chosen"] == 1.0
+    best = min(uniform, key=lambda c: 0.5 - 0.1 * sum(o.startswith("w8") for o in c.values()))
+    assert result.row("chosen")["choice"] == Choice(best).key
+    assert result.row("chosen")["size_mb"] <= limit + 1e-9
+    # the solver's choice measuring least keeps it; with check_uniform=False nothing is measured
+    monkeypatch.setattr(study.live, "damage", lambda configs: [0.0] + [1.0] * (len(configs) - 1))
+    kept = study.solve(f"size_mb={limit!r}")
+    assert "uniform_swap" not in kept.info["solver_stats"] and kept.info["solver_stats"]["uniform_check"]
+    seen.clear()
+    monkeypatch.setattr(study.live, "damage", damage)
+    plain = study.solve(f"size_mb={limit!r}", check_uniform=False)
+    assert not seen and "uniform_check" not in plain.info["solver_stats"]
