@@ -170,42 +170,35 @@ class Study:
         ``candidates`` uniform configs of least predicted damage that fit every limit (latency by the study's
         predictor) are measured beside the choice. A per-layer table sums damages that interact; a uniform config
         is the one point such sums misprice most often (measured: bench/search_quality.py, issue 19)."""
+        import dataclasses
         import math
 
         from mpq.cost_stage import MAIN
-        from mpq.solvers import Allocation
-        from mpq.solvers.predictors import calibration_configs
-        from mpq.study_verify import config_totals
+        from mpq.study_verify import config_totals, uniform_within
 
         table = self.table
         columns = [c for c in self.costs.columns() if c in table.columns]
-        pairs = set(zip(table["layer"], table["option"]))
-        fitting = []
-        for name, choice in calibration_configs(table, (), random=0).items():
-            if not name.startswith("uniform-") or Choice(choice).key == allocation.key or \
-                    any(p not in pairs for p in choice.items()):
-                continue
-            totals = config_totals(table, self.costs.fixed, choice, columns)
-            judged = dict(totals)
-            if MAIN in limits and not math.isinf(limits[MAIN]):
-                judged[MAIN] = float(self.latency_model().predict(table, [choice])[0])
-            if all(judged[c] <= v * (1 + 1e-9) + 1e-12 for c, v in limits.items() if c in judged):
-                fitting.append((config_totals(table, {}, choice, ["score"])["score"], name, choice, totals))
-        fitting = sorted(fitting, key=lambda f: f[0])[:candidates]
-        if not fitting:
+        fitting = {n: c for n, c in uniform_within(table, self.costs.fixed, limits, columns).items()
+                   if Choice(c).key != allocation.key}
+        names = list(fitting)
+        if names and MAIN in limits and not math.isinf(limits[MAIN]):
+            predicted = self.latency_model().predict(table, [fitting[n] for n in names])
+            names = [n for n, ms in zip(names, predicted) if ms <= limits[MAIN] * (1 + 1e-9) + 1e-12]
+        score = {n: config_totals(table, {}, fitting[n], ["score"])["score"] for n in names}
+        names = sorted(names, key=score.get)[:candidates]
+        if not names:
             return allocation
-        measured = self.live.damage([dict(allocation.choice), *[f[2] for f in fitting]])
-        record = {"chosen": measured[0], **{f[1]: m for f, m in zip(fitting, measured[1:])}}
-        best = min(range(len(fitting)), key=lambda i: measured[1 + i])
-        stats = {**dict(allocation.stats), "uniform_check": record}
+        measured = self.live.damage([dict(allocation.choice), *[fitting[n] for n in names]])
+        stats = {**dict(allocation.stats), "uniform_check": {"chosen": measured[0], **dict(zip(names, measured[1:]))}}
+        best = min(range(len(names)), key=lambda i: measured[1 + i])
         if measured[1 + best] >= measured[0]:
-            return Allocation(allocation.choice, allocation.score, allocation.costs, allocation.solver,
-                              allocation.status, stats, allocation.frontier)
-        _, name, choice, totals = fitting[best]
+            return dataclasses.replace(allocation, stats=stats)
+        name = names[best]
         log.info("uniform check: %s measured %.4g damage on the calibration split vs %.4g for the solver's choice: "
                  "returned", name, measured[1 + best], measured[0])
-        return Allocation(Choice(choice), fitting[best][0], totals, allocation.solver, allocation.status,
-                          {**stats, "uniform_swap": name}, allocation.frontier)
+        return dataclasses.replace(allocation, choice=Choice(fitting[name]), score=score[name],
+                                   costs=config_totals(table, self.costs.fixed, fitting[name], columns),
+                                   stats={**stats, "uniform_swap": name})
 
     def _verify(self, allocation, limits: Mapping[str, float], frontier: pd.DataFrame, solve, model):
         """Verify before choosing (:func:`mpq.study_verify.verify`) for a latency budget on a live study; the

@@ -106,7 +106,7 @@ class LiveStudy:
         """Every budget's reachability from the cost table; once latency is profiled (``measured``), a main
         latency limit below the table's floor is checked by timing the fastest configs end to end
         (:func:`mpq.study_verify.check_latency_floor`) before the estimator runs."""
-        column_of = lambda p: p.column(record.sequence_length)  # noqa: E731
+        column_of = lambda p: p.column(record.sequence_length)
         for budget in budgets:
             try:
                 check_reachable(record.costs, budget, record.restrictions(), column_of)

@@ -190,6 +190,19 @@ def _fits_exact(totals: Mapping[str, float], limits: Mapping[str, float]) -> boo
                if c != MAIN and c in totals and not math.isinf(v))
 
 
+def uniform_within(table: pd.DataFrame, fixed: Mapping[str, float], limits: Mapping[str, float],
+                   columns: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The uniform configs (``uniform-<option>`` -> choice) whose options all exist in ``table`` (a pinned layer
+    has no float) and that meet every limit but the main latency one (that one needs a measurement or the
+    study's predictor)."""
+    from mpq.solvers.predictors import calibration_configs
+
+    pairs = set(zip(table["layer"], table["option"]))
+    return {n: c for n, c in calibration_configs(table, (), random=0).items()
+            if n.startswith("uniform-") and all(p in pairs for p in c.items())
+            and _fits_exact(config_totals(table, fixed, c, columns), limits)}
+
+
 def neighbours(frontier: pd.DataFrame, chosen_key: str, chosen_ms: float, k: int) -> list[str]:
     """The ``k`` latency-frontier points just faster and the ``k`` just slower than the chosen config (keys)."""
     part = frontier[frontier["swept"] == MAIN] if "swept" in frontier else frontier
@@ -262,17 +275,16 @@ def measured_floor(study, limits: Mapping[str, float], model: LatencyModel, meas
     (:func:`mpq.workers.reachable_floor`; cached like every whole-model timing). None when no such config fits
     the other limits (then the table's floor is all there is to report). ``table``: the cost table to read
     (default the study's; before the estimator has run, its cost table)."""
-    from mpq.solvers.predictors import calibration_configs, fastest_choice
+    from mpq.solvers.predictors import fastest_choice
     from mpq.workers import reachable_floor
 
     table = study.table if table is None else table
     fixed = study.costs.fixed
     columns = [c for c in study.costs.columns() if c in table.columns]
-    pool = {"fastest": fastest_choice(table, model.predictor),
-            **{n: c for n, c in calibration_configs(table, (), random=0).items() if n.startswith("uniform-")}}
-    pairs = set(zip(table["layer"], table["option"]))
-    fitting = {n: c for n, c in pool.items() if all(p in pairs for p in c.items())  # pinned layers: no float
-               and _fits_exact(config_totals(table, fixed, c, columns), limits)}
+    fitting = uniform_within(table, fixed, limits, columns)
+    fast = fastest_choice(table, model.predictor)
+    if _fits_exact(config_totals(table, fixed, fast, columns), limits):
+        fitting = {"fastest": fast, **fitting}
     if not fitting:
         return None
     names = list(fitting)
@@ -350,4 +362,5 @@ def to_json(record: Mapping[str, Any] | None) -> Any:
 
 
 __all__ = ["config_timer", "LatencyModel", "additive_model", "calibrate", "fit_model", "refit", "verify",
-           "spread_configs", "measured_floor", "check_latency_floor", "floor_allocation", "neighbours", "to_json"]
+           "spread_configs", "measured_floor", "check_latency_floor", "floor_allocation", "uniform_within",
+           "neighbours", "to_json"]

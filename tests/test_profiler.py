@@ -125,7 +125,7 @@ def test_workloads_run_in_the_models_float_dtype():
     for dtype, expect in ((torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
         model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).to(dtype)
         inv = discover_layers(model, torch.randn(4, 64, dtype=dtype))
-        workloads, by_pair = workloads_for(inv, build_search_space(inv, "cpu"))
+        _, by_pair = workloads_for(inv, build_search_space(inv, "cpu"))
         w = by_pair[("0", "float")]
         assert inv["0"].float_dtype == expect and w.dtype == expect
         assert ('"dtype"' in w.key) == (expect != "float32")
