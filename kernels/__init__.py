@@ -6,8 +6,31 @@ CPU kernels are PyTorch's own integer kernels (fbgemm dynamic INT8 GEMM, ``_weig
 only where CUDA is present, so this package imports cleanly on a machine without a GPU.
 """
 
-from mpq.kernels import cpu, cpu_lowbit, cuda_fp8, cutlass_w4a16, cutlass_w8a8, embedding  # noqa: F401  (registers)
-from mpq.kernels import cuda_lowbit  # noqa: F401  (registers the GPU low-bit weight kernels)
-from mpq.kernels.gemm import QuantGemm
+import sys
 
-__all__ = ["QuantGemm", "cpu", "cpu_lowbit", "cuda_lowbit", "cuda_fp8", "cutlass_w4a16", "cutlass_w8a8", "embedding"]
+if __name__ != "mpq.kernels":
+    # This folder is ``mpq.kernels``. It is imported as a top-level ``kernels`` only when a checkout's root is on
+    # sys.path (``python -m ...`` or ``python -c`` from the repository root), where it would shadow Hugging Face's
+    # ``kernels`` distribution that transformers >= 5.25 imports at startup. Hand that import to the installed package.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            f"No module named {__name__!r} outside the mpq checkout at {_checkout} (its kernels/ folder is "
+            "mpq.kernels: import that instead)",
+            name=__name__,
+        )
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module  # the import statement returns what sys.modules holds after this file runs
+    _spec.loader.exec_module(_module)
+else:
+    from mpq.kernels import cpu, cpu_lowbit, cuda_fp8, cutlass_w4a16, cutlass_w8a8, embedding  # noqa: F401  (registers)
+    from mpq.kernels import cuda_lowbit  # noqa: F401  (registers the GPU low-bit weight kernels)
+    from mpq.kernels.gemm import QuantGemm
+
+    __all__ = ["QuantGemm", "cpu", "cpu_lowbit", "cuda_lowbit", "cuda_fp8", "cutlass_w4a16", "cutlass_w8a8", "embedding"]

@@ -6,6 +6,7 @@ hide a dependency."""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,30 @@ def test_namespace_packages(tmp_path):
                "import importlib.util as u; print(u.find_spec('kernels') is None, u.find_spec('solvers') is None)",
                cwd=tmp_path)
     assert out.split() == ["True", "True"]
+
+
+def test_a_checkout_root_on_sys_path_does_not_shadow_the_kernels_distribution(tmp_path):
+    """From the repository root ``python -c``/``-m`` puts the checkout first on sys.path, where its ``kernels/`` folder
+    (mpq.kernels) would shadow Hugging Face's ``kernels`` package that transformers imports at startup (CI broke on
+    it): the top-level name must reach the installed distribution, and mpq.kernels stay itself."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("ORIGIN = 'installed'\n")
+    (fake / "layers.py").write_text("NAME = 'installed.layers'\n")
+    code = ("import kernels, kernels.layers, mpq.kernels; "
+            "print(kernels.ORIGIN, kernels.layers.NAME, mpq.kernels.QuantGemm.__name__)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["installed", "installed.layers", "QuantGemm"]
+
+
+def test_without_a_kernels_distribution_the_top_level_name_says_what_to_import():
+    import importlib.machinery
+
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    if importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None:
+        pytest.skip("a kernels distribution is installed here")
+    out = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    assert "mpq.kernels" in out.stderr and "ModuleNotFoundError" in out.stderr
