@@ -20,14 +20,14 @@ if __name__ != "mpq.kernels":
     _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
     if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            f"No module named {__name__!r} outside the mpq checkout at {_checkout} (its kernels/ folder is "
-            "mpq.kernels: import that instead)",
-            name=__name__,
-        )
+        # No such distribution: be what this folder would be without __init__.py, an empty namespace package
+        # (transformers reads one without a version or file as "not installed"; ``from kernels import X`` fails).
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _module  # the import statement returns what sys.modules holds after this file runs
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
 else:
     from mpq.kernels import cpu, cpu_lowbit, cuda_fp8, cutlass_w4a16, cutlass_w8a8, embedding  # noqa: F401  (registers)
     from mpq.kernels import cuda_lowbit  # noqa: F401  (registers the GPU low-bit weight kernels)

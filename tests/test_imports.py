@@ -185,11 +185,15 @@ def test_mpq_dashboard_imports_no_torch_ray_or_cuda(tiny_run, tmp_path):
 
 
 def test_namespace_packages(tmp_path):
-    """The stage folders install under mpq.*; no generic top-level name lands in site-packages."""
-    out = _run("import mpq.sensitivity, mpq.solvers, mpq.workers, mpq.kernels, mpq.dashboards; "
-               "import importlib.util as u; print(u.find_spec('kernels') is None, u.find_spec('solvers') is None)",
-               cwd=tmp_path)
-    assert out.split() == ["True", "True"]
+    """The stage folders install under mpq.*; no generic top-level name of ours lands in site-packages (a top-level
+    ``kernels`` may be Hugging Face's distribution, which transformers >= 5.25 requires: never the checkout's)."""
+    names = ("kernels", "solvers", "workers", "sensitivity", "dashboards")
+    code = ("import mpq.sensitivity, mpq.solvers, mpq.workers, mpq.kernels, mpq.dashboards; "
+            "import importlib.util as u; from pathlib import Path; "
+            f"root = Path({str(ROOT)!r}); "
+            f"ours = lambda s, n: s.origin and Path(s.origin).read_bytes() == (root / n / '__init__.py').read_bytes(); "
+            f"print(*[(s := u.find_spec(n)) is None or not ours(s, n) for n in {names!r}])")
+    assert _run(code, cwd=tmp_path).split() == ["True"] * 5
 
 
 def test_a_checkout_root_on_sys_path_does_not_shadow_the_kernels_distribution(tmp_path):
@@ -208,12 +212,21 @@ def test_a_checkout_root_on_sys_path_does_not_shadow_the_kernels_distribution(tm
     assert out.stdout.split() == ["installed", "installed.layers", "QuantGemm"]
 
 
-def test_without_a_kernels_distribution_the_top_level_name_says_what_to_import():
+def test_without_a_kernels_distribution_the_top_level_name_is_an_empty_namespace():
+    """What the folder would be without ``__init__.py``: importable, empty, and read by transformers as absent."""
     import importlib.machinery
 
     elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
     if importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None:
         pytest.skip("a kernels distribution is installed here")
-    out = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode != 0
-    assert "mpq.kernels" in out.stderr and "ModuleNotFoundError" in out.stderr
+    code = ("import importlib.util, kernels\n"
+            "print(kernels.__file__, importlib.util.find_spec('kernels') is not None)\n"
+            "try:\n    from kernels import QuantGemm\nexcept ImportError:\n    print('no-names')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "True", "no-names"]
+    if importlib.util.find_spec("transformers") is not None:
+        probe = "from transformers.utils import is_kernels_available; print(is_kernels_available())"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == "False"
