@@ -283,8 +283,9 @@ class EvaluateOptions:
 
     evaluate_frontier: bool = option(True, "skip the fake-quant metric of every frontier point",
                                      flag="--no-evaluate-frontier")
-    evaluate_workers: int | None = option(None, "with --profile ray: evaluate the frontier points on this many "
-                                                "Ray actors (eval_fn must be picklable)")
+    evaluate_workers: int | None = option(None, "with --profile ray: evaluate the frontier points, and measure the "
+                                                "configs of ilp+refine and the uniform check, on this many Ray "
+                                                "actors (eval_fn must be picklable)")
     metric: str = option("metric", "the evaluator's metric name", cli=False)
     higher_is_better: bool = option(True, "whether a higher metric is better", cli=False)
 

@@ -16,6 +16,7 @@ or :func:`load_study` solve again without the model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -149,14 +150,15 @@ class Study:
             self.options.with_options(**_only_solve(solve_options)).solve
         limits = self.limits(budget)
         floor = self._check(budget, limits)
-        if floor is None:
-            allocation = self.record.allocate(limits, solve, out, None if self.live is None else self.live.damage)
-        else:  # below the table's floor, not below the measured one: the measured config is the start
-            from mpq.study_verify import floor_allocation
+        with contextlib.nullcontext() if self.live is None else self.live.fanned_out():
+            if floor is None:
+                allocation = self.record.allocate(limits, solve, out, None if self.live is None else self.live.damage)
+            else:  # below the table's floor, not below the measured one: the measured config is the start
+                from mpq.study_verify import floor_allocation
 
-            allocation = floor_allocation(self, floor)
-        if floor is None and solve.check_uniform and self.live is not None:
-            allocation = self._against_uniform(allocation, limits)
+                allocation = floor_allocation(self, floor)
+            if floor is None and solve.check_uniform and self.live is not None:
+                allocation = self._against_uniform(allocation, limits)
         frontier = self.frontier(points=solve.frontier_points, _with_phases=_phase_columns(limits))
         seconds = {"solve": time.perf_counter() - t0}
         model = self.latency_model()

@@ -6,6 +6,7 @@ search space and prepared quantizer) and fills a :class:`~mpq.study_record.Study
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -49,6 +50,7 @@ class LiveStudy:
         self.threads = options.profile.threads or torch.get_num_threads()
         self._context = None
         self._runner = None  # the damage runner (a model copy), made on the first measured solve
+        self._pool = None  # Ray actors each holding a damage runner, while fanned_out() is open
 
     # --- the stages ----------------------------------------------------------------------------------------------
     @classmethod
@@ -181,15 +183,43 @@ class LiveStudy:
     def damage(self, configs: list[dict[str, str]]) -> list[float]:
         """The measured task-loss increase of each whole config (layer -> option) on the calibration split,
         fake-quantized with the target kernels' numerics and the study's quantizer: what a measuring solver
-        (``ilp+refine``) optimises. One model copy is kept for every call (layers swapped in place)."""
+        (``ilp+refine``) and the uniform check optimise. One model copy is kept for every call (layers swapped in
+        place), or one per Ray actor inside :meth:`fanned_out`."""
         from mpq.sensitivity.measured import DeltaRunner
 
+        if self._pool is not None:  # every config there, so that a solve compares numbers rounded alike
+            rows = self._pool.map([[c] for c in configs])
+            return [row[0]["loss"] for row in rows]
         if self._runner is None:
-            calib = self.calib if self.loss_fn is not None else self.calib.with_pseudo_labels(self.model)
             with eval_mode(self.model):
-                self._runner = DeltaRunner(self.model, calib.batches, self.inventory, self.target.device,
-                                           self.loss_fn, ("loss",), None, self.quantizer)
+                self._runner = DeltaRunner(*self._damage_state(None))
         return [row["loss"] for row in self._runner.measure(configs)]
+
+    def _damage_state(self, threads: int | None) -> tuple:
+        calib = self.calib if self.loss_fn is not None else self.calib.with_pseudo_labels(self.model)
+        return (self.model, calib.batches, self.inventory, self.target.device, self.loss_fn, ("loss",), threads,
+                self.quantizer)
+
+    @contextlib.contextmanager
+    def fanned_out(self):
+        """For the block: configs measured by :meth:`damage` fan out, one per Ray actor, over ``evaluate_workers``
+        actors that each hold one model copy, shipped once (with ``profile='ray'`` and ``evaluate_workers`` set;
+        otherwise in process). The actors are released when the block ends."""
+        workers = self.options.evaluate.evaluate_workers
+        if not workers or self.options.profile.profile != "ray" or self._pool is not None:
+            yield
+            return
+        from mpq.sensitivity.measured import measure_chunk, runner_of
+        from mpq.workers.cluster import SharedActorPool
+
+        with eval_mode(self.model):
+            state = self._damage_state(1)
+        self._pool = SharedActorPool(measure_chunk, state, workers, self.options.profile.address, setup=runner_of)
+        try:
+            yield
+        finally:
+            self._pool.close()
+            self._pool = None
 
     def context(self):
         """The evaluation stage's view of this study (its fake-quant cache lives across solves)."""

@@ -120,11 +120,13 @@ class DeltaRunner:
         return rows
 
 
-def _runner_of(shared: tuple) -> DeltaRunner:
+def runner_of(shared: tuple) -> DeltaRunner:
+    """A Ray actor's runner from the shared tuple ``(model, batches, inventory, device, loss_fn, metrics, threads,
+    quantizer)``, shipped once (``setup`` of ``mpq.workers.cluster.map_with_shared`` and its pool)."""
     return DeltaRunner(*shared)
 
 
-def _measure_chunk(runner: DeltaRunner, configs: list[dict[str, str]]) -> list[dict[str, float]]:
+def measure_chunk(runner: DeltaRunner, configs: list[dict[str, str]]) -> list[dict[str, float]]:
     return runner.measure(configs)
 
 
@@ -154,8 +156,8 @@ def config_damage(model: nn.Module, calib: CalibrationSet, configs: list[dict[st
                 bar.update(len(chunk))
         else:  # each worker holds one copy of the model and batches, shipped once
             shared = (model, calib.batches, inventory, device, loss_fn, metrics, 1, quantizer)
-            damage = map_fn(_measure_chunk, shared, [[configs[j] for j in c] for c in chunks], workers,
-                            address, setup=_runner_of, on_result=lambda i, _: bar.update(len(chunks[i])))
+            damage = map_fn(measure_chunk, shared, [[configs[j] for j in c] for c in chunks], workers,
+                            address, setup=runner_of, on_result=lambda i, _: bar.update(len(chunks[i])))
             for chunk, values in zip(chunks, damage):
                 results.update(zip(chunk, values))
     finally:

@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import mpq
 from mpq.errors import ConfigError
@@ -158,3 +159,52 @@ def test_loaded_study_cannot_refine_without_the_model(digits_study):
     loaded = mpq.load_study(digits_study.out)
     with pytest.raises(ConfigError, match="needs the model"):
         loaded.solve("size=0.2", solver="ilp+refine")
+
+
+@pytest.mark.ray
+def test_measured_solver_steps_fan_out_over_ray_actors_that_stay_up(digits_study, ray_cluster, monkeypatch):
+    """With ``profile='ray'`` and ``evaluate_workers``, every config refinement and the uniform check measure goes
+    to Ray actors kept up for the whole solve (the model shipped once, not once per generation), and each measures
+    what an in-process runner of one thread measures."""
+    from mpq.workers import cluster
+
+    live = digits_study.live
+    space = live.space
+    names = [layer.name for layer in live.inventory]
+    options = {n: [b.name for b in space[n] if b.w_bits is not None] for n in names}
+    configs = [{n: options[n][(i + k) % len(options[n])] for k, n in enumerate(names)} for i in range(3)]
+    # the reference: one thread and a fresh quantizer, as an actor has (GPTQ's rounding depends on the thread count)
+    import pickle
+
+    from mpq.sensitivity.measured import runner_of
+
+    threads = torch.get_num_threads()
+    try:
+        state = live._damage_state(1)
+        state = (*state[:-1], pickle.loads(pickle.dumps(state[-1])))
+        local = [row["loss"] for row in runner_of(state).measure(configs)]
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(live, "options", live.options.with_options(profile="ray", evaluate_workers=2))
+    pools, maps = [], []
+    real_init, real_map = cluster.SharedActorPool.__init__, cluster.SharedActorPool.map
+
+    def counting_init(self, *args, **kwargs):
+        pools.append(self)
+        real_init(self, *args, **kwargs)
+
+    def counting_map(self, items, on_result=None):
+        maps.append(len(items))
+        return real_map(self, items, on_result)
+
+    monkeypatch.setattr(cluster.SharedActorPool, "__init__", counting_init)
+    monkeypatch.setattr(cluster.SharedActorPool, "map", counting_map)
+    with live.fanned_out():
+        remote = live.damage(configs)
+    assert remote == pytest.approx(local, rel=1e-6, abs=1e-9)
+    assert maps == [3] and live._pool is None and not pools[0].idle  # released when the block ends
+
+    refined = digits_study.solve("size=0.2", solver="ilp+refine", solver_options={"max_evals": 17, "time_limit": 60})
+    assert len(pools) == 2  # one pool for the whole solve
+    assert len(maps) > 2 and sum(maps[1:]) >= refined.info["solver_stats"]["evaluations"]
+    assert refined.row("chosen")["size_mb"] <= refined.info["limits"]["size_mb"] + 1e-12

@@ -432,87 +432,128 @@ class _Holder:
         return True
 
 
-def map_with_shared(fn: Callable[[Any, Any], Any], shared: Any, items: list, workers: int | None = None,
-                    address: str | None = None, setup: Callable[[Any], Any] | None = None,
-                    on_result: Callable[[int, Any], None] | None = None, max_restarts: int | None = None,
-                    item_timeout_s: float | None = 3600.0, startup_timeout_s: float = 600.0) -> list:
-    """``[fn(state, item) for item in items]`` on Ray actors (one CPU each) that each hold one copy of ``shared``,
-    put in the object store once (a model, its data, an evaluator); an actor's ``state`` is ``setup(shared)``, built
-    once per actor, or ``shared`` itself. ``on_result(i, value)`` hears of each result as it arrives. An exception
-    raised by ``fn`` propagates.
+class SharedActorPool:
+    """Ray actors (one CPU each) that each hold one copy of ``shared``, put in the object store once (a model, its
+    data, an evaluator), kept up across :meth:`map` calls: a search that measures a few configs at a time (the
+    ``ilp+refine`` generations) ships the model once, not once per generation. An actor's state is
+    ``setup(shared)``, built once per actor, or ``shared`` itself. Actors start on the first map that needs them
+    (at most ``workers``: default, the CPUs Ray has free) and are killed by :meth:`close` (or the ``with`` block).
 
-    An actor that dies gives its item back to the queue and is replaced, at most ``max_restarts`` times in all
-    (default: twice the number of actors, at least 3): then :class:`WorkerLostError` names the item it was on. An
-    item that takes longer than ``item_timeout_s`` (counted once its actor is up; None waits for ever) ends the map
-    with :class:`WorkerTimeoutError` naming it, as does an actor that is not up within ``startup_timeout_s``.
-    Either way the results that arrived went to ``on_result``."""
-    if not items:
-        return []
-    ray = ensure_ray(address)
-    n = max(1, min(workers or int(ray.available_resources().get("CPU", 1)), len(items)))
-    limit = max(3, 2 * n) if max_restarts is None else max_restarts
-    shared_ref = ray.put(shared)
-    cls = ray.remote(num_cpus=1)(_Holder)
-    name = getattr(fn, "__name__", repr(fn))
-    actors: list = []
+    An actor that dies gives its item back to the queue and is replaced, at most ``max_restarts`` times over the
+    pool's life (default: twice the number of actors, at least 3): then :class:`WorkerLostError` names the item it
+    was on. An item that takes longer than ``item_timeout_s`` (counted once its actor is up; None waits for ever)
+    ends the map with :class:`WorkerTimeoutError` naming it, as does an actor not up within ``startup_timeout_s``.
+    An exception raised by ``fn`` propagates."""
 
-    def started(count: int) -> list:
+    def __init__(self, fn: Callable[[Any, Any], Any], shared: Any, workers: int | None = None,
+                 address: str | None = None, setup: Callable[[Any], Any] | None = None,
+                 max_restarts: int | None = None, item_timeout_s: float | None = 3600.0,
+                 startup_timeout_s: float = 600.0):
+        self.ray = ensure_ray(address)
+        self.size = max(1, workers or int(self.ray.available_resources().get("CPU", 1)))
+        self.limit = max(3, 2 * self.size) if max_restarts is None else max_restarts
+        self.fn, self.setup, self.shared_ref = fn, setup, self.ray.put(shared)
+        self.cls = self.ray.remote(num_cpus=1)(_Holder)
+        self.name = getattr(fn, "__name__", repr(fn))
+        self.item_timeout_s, self.startup_timeout_s = item_timeout_s, startup_timeout_s
+        self.idle: list = []
+        self._starting: list = []  # killed by close() even if their setup never finished
+        self.restarts = 0
+
+    def __enter__(self) -> SharedActorPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in [*self._starting, *self.idle]:
+            self.ray.kill(actor)
+        self._starting, self.idle = [], []
+
+    def _started(self, count: int) -> list:
         """``count`` new actors, once each is up (its ``setup`` done), so that item time is the item's own."""
-        new = [cls.remote(fn, shared_ref, setup) for _ in range(count)]
-        actors.extend(new)  # killed in the end whatever happens
+        ray = self.ray
+        new = [self.cls.remote(self.fn, self.shared_ref, self.setup) for _ in range(count)]
+        self._starting.extend(new)
         pending = {a.ready.remote(): a for a in new}
-        deadline = time.monotonic() + startup_timeout_s
+        deadline = time.monotonic() + self.startup_timeout_s
         while pending:
             done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
             for ref in done:
                 pending.pop(ref)
                 ray.get(ref)  # a setup that raised propagates its error
             if pending and time.monotonic() > deadline:
-                raise WorkerTimeoutError(f"map_with_shared({name}): {len(pending)} Ray workers did not start "
-                                         f"within {startup_timeout_s:g} s")
+                raise WorkerTimeoutError(f"map_with_shared({self.name}): {len(pending)} Ray workers did not start "
+                                         f"within {self.startup_timeout_s:g} s")
         for a in new:
-            actors.remove(a)
+            self._starting.remove(a)
         return new
 
-    queue, running, results, restarts = deque(range(len(items))), {}, {}, 0
-    idle: list = []
-    try:
-        idle = started(n)
-        while queue or running:
-            while queue and idle:
-                actor, i = idle.pop(), queue.popleft()
-                running[actor.call.remote(items[i])] = (actor, i, time.monotonic())
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            if not done:
-                if item_timeout_s is not None:
-                    for _, i, since in running.values():
-                        if time.monotonic() - since > item_timeout_s:
-                            raise WorkerTimeoutError(
-                                f"map_with_shared({name}): item {i} ran for more than {item_timeout_s:g} s on a Ray "
-                                f"worker without returning; {len(results)} of {len(items)} items had finished")
-                continue
-            actor, i, _ = running.pop(done[0])
-            try:
-                results[i] = ray.get(done[0])
-            except ray.exceptions.RayActorError as e:
-                restarts += 1
-                if restarts > limit:
-                    raise WorkerLostError(
-                        f"map_with_shared({name}): {restarts} Ray workers died (at most {limit} restarts are "
-                        f"allowed), the last one on item {i} ({type(e).__name__}); {len(results)} of {len(items)} "
-                        f"items had finished") from None
-                log.warning("a Ray worker died on item %d (%d of %d restarts); the item goes back to the queue", i,
-                            restarts, limit)
+    def map(self, items: list, on_result: Callable[[int, Any], None] | None = None) -> list:
+        """``[fn(state, item) for item in items]`` on the pool's actors; ``on_result(i, value)`` hears of each
+        result as it arrives (the results that arrived went there whatever error ends the map)."""
+        if not items:
+            return []
+        ray, name = self.ray, self.name
+        missing = min(self.size, len(items)) - len(self.idle)
+        if missing > 0:
+            self.idle.extend(self._started(missing))
+        queue, running, results = deque(range(len(items))), {}, {}
+        try:
+            while queue or running:
+                while queue and self.idle:
+                    actor, i = self.idle.pop(), queue.popleft()
+                    running[actor.call.remote(items[i])] = (actor, i, time.monotonic())
+                done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                if not done:
+                    if self.item_timeout_s is not None:
+                        for _, i, since in running.values():
+                            if time.monotonic() - since > self.item_timeout_s:
+                                raise WorkerTimeoutError(
+                                    f"map_with_shared({name}): item {i} ran for more than {self.item_timeout_s:g} s "
+                                    f"on a Ray worker without returning; {len(results)} of {len(items)} items had "
+                                    f"finished")
+                    continue
+                actor, i, _ = running.pop(done[0])
+                try:
+                    results[i] = ray.get(done[0])
+                except ray.exceptions.RayActorError as e:
+                    self.restarts += 1
+                    if self.restarts > self.limit:
+                        raise WorkerLostError(
+                            f"map_with_shared({name}): {self.restarts} Ray workers died (at most {self.limit} "
+                            f"restarts are allowed), the last one on item {i} ({type(e).__name__}); "
+                            f"{len(results)} of {len(items)} items had finished") from None
+                    log.warning("a Ray worker died on item %d (%d of %d restarts); the item goes back to the queue",
+                                i, self.restarts, self.limit)
+                    ray.kill(actor)
+                    queue.appendleft(i)
+                    actor = self._started(1)[0]
+                except ray.exceptions.RayTaskError as e:
+                    raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
+                else:
+                    if on_result is not None:
+                        on_result(i, results[i])
+                self.idle.append(actor)
+        except BaseException:
+            for actor, _, _ in running.values():  # busy on an item nobody will read: not reusable
                 ray.kill(actor)
-                queue.appendleft(i)
-                actor = started(1)[0]
-            except ray.exceptions.RayTaskError as e:
-                raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
-            else:
-                if on_result is not None:
-                    on_result(i, results[i])
-            idle.append(actor)
-    finally:
-        for actor in [*actors, *idle, *(a for a, _, _ in running.values())]:
-            ray.kill(actor)
-    return [results[i] for i in range(len(items))]
+            raise
+        return [results[i] for i in range(len(items))]
+
+
+def map_with_shared(fn: Callable[[Any, Any], Any], shared: Any, items: list, workers: int | None = None,
+                    address: str | None = None, setup: Callable[[Any], Any] | None = None,
+                    on_result: Callable[[int, Any], None] | None = None, max_restarts: int | None = None,
+                    item_timeout_s: float | None = 3600.0, startup_timeout_s: float = 600.0) -> list:
+    """``[fn(state, item) for item in items]`` on Ray actors that each hold one copy of ``shared``, started for this
+    call and killed after it: one :meth:`SharedActorPool.map` (whose docstring says how failures are handled), with
+    at most ``len(items)`` actors."""
+    if not items:
+        return []
+    ray = ensure_ray(address)
+    workers = min(workers or int(ray.available_resources().get("CPU", 1)), len(items))
+    with SharedActorPool(fn, shared, workers, address, setup, max_restarts, item_timeout_s,
+                         startup_timeout_s) as pool:
+        return pool.map(items, on_result)

@@ -4,6 +4,8 @@
 - ``char-lm``: a byte-level transformer LM on the Python standard library's own source (metric: perplexity on
   held-out files).
 - ``llama-lm``: the same task with Llama's block (RMSNorm, rotary, grouped-query attention, gated MLP, tied head).
+- ``hf-gpt2``, ``hf-llama``: the same task with transformers' own ``GPT2LMHeadModel`` and ``LlamaForCausalLM``
+  (needs the ``[hf]`` extra).
 
 Checkpoints are small, committed under ``checkpoints/``, loaded with ``weights_only=True``, and reproducible with
 ``python -m mpq.models.train NAME``.
@@ -40,7 +42,9 @@ class ReferenceTask:
     heldout: list[tuple[Any, Any]] = field(default_factory=list)  # the evaluation data as (inputs, targets) batches
 
 
-_TASKS = {"digits-cnn": "mpq.models.digits", "char-lm": "mpq.models.charlm", "llama-lm": "mpq.models.llamalm"}
+# name -> the module (or "module:attribute") whose train() and load_task() build the task.
+_TASKS = {"digits-cnn": "mpq.models.digits", "char-lm": "mpq.models.charlm", "llama-lm": "mpq.models.llamalm",
+          "hf-gpt2": "mpq.models.hflm:GPT2_TASK", "hf-llama": "mpq.models.hflm:LLAMA_TASK"}
 
 
 def reference_names() -> list[str]:
@@ -66,4 +70,11 @@ def load_reference(name: str, **kwargs: Any) -> ReferenceTask:
     """The bundled task ``name`` (see :func:`reference_names`), with trained weights."""
     if name not in _TASKS:
         raise ConfigError(f"unknown reference model {name!r}; bundled: {', '.join(_TASKS)}")
-    return importlib.import_module(_TASKS[name]).load_task(**kwargs)
+    return task_builder(name).load_task(**kwargs)
+
+
+def task_builder(name: str) -> Any:
+    """What builds the bundled task ``name``: an object with ``train()`` and ``load_task()``."""
+    module, _, attribute = _TASKS[name].partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attribute) if attribute else found

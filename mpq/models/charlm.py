@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq.calib import model_output
+
 NAME = "char-lm"
 EXCLUDE_DIRS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__", "_bundled",
                 "dist-packages"}
@@ -144,7 +146,7 @@ def perplexity(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], batch_
     x, y = data
     total, count = 0.0, 0
     for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size])
+        logits = model_output(model(x[i:i + batch_size]))
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), y[i:i + batch_size].flatten(), reduction="sum"))
         count += y[i:i + batch_size].numel()
     return math.exp(total / count)
@@ -168,7 +170,7 @@ def train(steps: int = 2500, lr: float = 3e-3, batch_size: int = 32, seed: int =
     for step in range(steps):
         model.train()
         x, y = windows(data, torch.randint(0, len(data) - cfg.ctx - 2, (batch_size,), generator=g), cfg.ctx)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(model_output(model(x)).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -183,19 +185,20 @@ def train(steps: int = 2500, lr: float = 3e-3, batch_size: int = 32, seed: int =
     return model, meta
 
 
-def stdlib_lm_task(name: str, model: nn.Module, what: str, eval_windows_n: int = EVAL_WINDOWS):
+def stdlib_lm_task(name: str, model: nn.Module, what: str, eval_windows_n: int = EVAL_WINDOWS, cfg=None):
     """The reference task of a byte-level LM on the stdlib corpus: ``model`` with the checkpoint ``name`` loaded,
-    calibration windows, and perplexity on held-out windows."""
+    calibration windows, and perplexity on held-out windows (of ``cfg.ctx`` bytes; default ``model.cfg``)."""
     from mpq.models import ReferenceTask, load_checkpoint
 
+    cfg = cfg or model.cfg
     meta = load_checkpoint(model, name)
     model.eval()
-    test = eval_windows(model.cfg, eval_windows_n)
+    test = eval_windows(cfg, eval_windows_n)
     return ReferenceTask(
-        name=name, model=model, calib=calibration_batches(model.cfg), eval_fn=lambda m: perplexity(m, test),
+        name=name, model=model, calib=calibration_batches(cfg), eval_fn=lambda m: perplexity(m, test),
         metric="perplexity", higher_is_better=False,
         description=f"{what} on the Python stdlib, perplexity on {eval_windows_n} held-out windows of "
-                    f"{model.cfg.ctx} bytes", info=meta,
+                    f"{cfg.ctx} bytes", info=meta,
         heldout=[(test[0][i:i + 16], test[1][i:i + 16]) for i in range(0, len(test[0]), 16)])
 
 

@@ -3,6 +3,8 @@
     python -m mpq.models.train digits-cnn
     python -m mpq.models.train char-lm
     python -m mpq.models.train llama-lm
+    python -m mpq.models.train hf-gpt2      # transformers' GPT2LMHeadModel (the [hf] extra)
+    python -m mpq.models.train hf-llama     # transformers' LlamaForCausalLM
 
 Checkpoints are stored in fp16 to stay under 2 MB; the metric in the metadata is measured after that rounding, on
 the weights as they load.
@@ -11,7 +13,6 @@ the weights as they load.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import platform
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from mpq.models import _TASKS, CHECKPOINTS, checkpoint_path, reference_names
+from mpq.models import CHECKPOINTS, checkpoint_path, reference_names, task_builder
 
 log = logging.getLogger("mpq.models.train")
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    mod = importlib.import_module(_TASKS[args.name])
+    mod = task_builder(args.name)
     model, meta = mod.train()
     meta.update({"torch": torch.__version__, "machine": platform.machine(),
                  "train_seconds": round(time.time() - t0, 1)})
