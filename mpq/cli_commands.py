@@ -5,7 +5,6 @@ sensitivity-report, report, models. Each is an ``add_arguments``/``run`` pair re
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from pathlib import Path
 
@@ -188,10 +187,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mpq.models import _TASKS
+    from mpq.models import describe_reference, reference_names
 
-    for name, mod in _TASKS.items():
-        print(f"{name}: {importlib.import_module(mod).__doc__.strip().splitlines()[0]}")
+    for name in reference_names():
+        print(f"{name}: {describe_reference(name)}")
     return 0
 
 

@@ -75,7 +75,10 @@ def test_unknown_model():
 
 def test_models_listed():
     out = mpq_cli("models").stdout
-    assert "digits-cnn" in out and "char-lm" in out
+    from mpq.models import reference_names
+
+    listed = [line.split(":")[0] for line in out.splitlines()]
+    assert listed == reference_names() and "hf-gpt2" in listed  # every bundled task, the transformers ones too
 
 
 @pytest.mark.ray

@@ -73,6 +73,12 @@ def load_reference(name: str, **kwargs: Any) -> ReferenceTask:
     return task_builder(name).load_task(**kwargs)
 
 
+def describe_reference(name: str) -> str:
+    """One line on the bundled task ``name``, without loading weights or importing an optional package."""
+    builder = task_builder(name)
+    return getattr(builder, "what", None) or builder.__doc__.strip().splitlines()[0]
+
+
 def task_builder(name: str) -> Any:
     """What builds the bundled task ``name``: an object with ``train()`` and ``load_task()``."""
     module, _, attribute = _TASKS[name].partition(":")
