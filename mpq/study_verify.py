@@ -177,8 +177,8 @@ def refit(table: pd.DataFrame, fixed_ms: float, info: Mapping[str, Any]) -> Late
 # --------------------------------------------------------------------------------------------------------------------
 # verify before choosing
 # --------------------------------------------------------------------------------------------------------------------
-def config_totals(table: pd.DataFrame, fixed: Mapping[str, float], choice: Mapping[str, str], columns: Sequence[str]
-            ) -> dict[str, float]:
+def config_totals(table: pd.DataFrame, fixed: Mapping[str, float], choice: Mapping[str, str],
+                  columns: Sequence[str]) -> dict[str, float]:
     idx = table.set_index(["layer", "option"])
     picked = idx.loc[list(Choice(choice).items())]
     return {c: float(picked[c].sum()) + float(fixed.get(c, 0.0)) for c in columns}

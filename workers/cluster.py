@@ -531,6 +531,7 @@ class SharedActorPool:
                     queue.appendleft(i)
                     actor = self._started(1)[0]
                 except ray.exceptions.RayTaskError as e:
+                    self.idle.append(actor)  # the item failed, not the actor: close() or the next map has it
                     raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
                 else:
                     if on_result is not None:
