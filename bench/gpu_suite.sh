@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one device call: build the CUDA extensions, run the GPU tests, run the GPU benchmarks.
 # On the device machine (see ../shared/device/README.md): carry .whl (nvidia-cutlass, pulp, ...) and
-#   bash bench/gpu_suite.sh [tests] [kernels] [latacc] [e2e]   # default: tests kernels e2e; results to bench/results/ (and $OUT)
+#   bash bench/gpu_suite.sh [sens] [tests] [kernels] [latacc] [e2e]   # default: tests kernels e2e; results to bench/results/ (and $OUT)
+# sens (first, if at all) judges the estimators in the GPU kernels' option space on the CPU cores from the fifth on, in the
+# background, while the GPU steps that follow run pinned to the first four cores.
 # Builds are cached in $MPQ_CACHE_DIR (default .devcache/ here); the built libraries come back as
 # $OUT/cache_*.tgz: unpack them into $MPQ_CACHE_DIR/kernels (carry it) to skip those builds on a later call.
 set -uo pipefail
@@ -78,9 +80,17 @@ else
   export MPQ_PDL=0
 fi
 
+sens_pid=
 for step in $steps; do
   start=$SECONDS
   case $step in
+    sens)  # fake-quant numerics run anywhere: the GPU space needs only the built kernels to list its options
+      last=$(($(nproc) - 1))
+      OMP_NUM_THREADS=$((last - 3)) timeout "${MPQ_SENS_TIMEOUT:-420}" taskset -c "4-$last" python3 bench/sensitivity.py --spaces cuda \
+        ${MPQ_SENS_ARGS:---models digits-cnn char-lm --estimators fisher lrp entropy measured} --out sens_gpu \
+        >"$out/sens.log" 2>&1 &
+      sens_pid=$!
+      taskset -pc 0-3 $$ >/dev/null ;;
     tests)  # one process per file: a kernel fault cannot take the other files' tests with it
       : >"$out/gpu_tests.log"
       for f in tests/test_gpu_lowbit.py tests/test_gpu_decode8.py tests/test_cutlass.py tests/test_fp8.py \
@@ -98,3 +108,7 @@ for step in $steps; do
   esac
   echo "step $step took $((SECONDS - start)) s"
 done
+if [ -n "$sens_pid" ]; then
+  wait "$sens_pid"; echo "sens: rc=$? ($(tail -c 300 "$out/sens.log" | tr '\n' ' '))"
+  cp bench/results/sens_gpu_*.json "$out"/ 2>/dev/null
+fi

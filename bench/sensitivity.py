@@ -5,7 +5,9 @@
 
 Two spaces per model: ``cpu`` (the options the CPU kernels run: 8-bit and 4-bit group-wise) and ``generic``
 (2, 3, 4, 6, 8-bit weights per channel, float or 8-bit activations, fake-quant): the CPU space barely damages the
-bundled models, so its truth is close to noise; the generic one spans real damage.
+bundled models, so its truth is close to noise; the generic one spans real damage. ``--spaces cuda`` is the GPU
+kernels' options: it needs their built extensions (``bash bench/gpu_suite.sh sens`` on the GPU machine), though the
+fake-quant damage itself runs on the CPU.
 
 Writes bench/results/sensitivity_<model>_<space>.json: per estimator (and per exposed table: each entropy proxy,
 each decoupled metric) Kendall tau and Spearman rho against the measured single-layer damage and against the

@@ -18,7 +18,7 @@ integers are the ones the kernel holds and fake-quant matches the real kernel up
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -116,11 +116,19 @@ class QuantizedWeight:
 
     def error(self, weight: Tensor) -> float:
         """``||Q(W) - W||^2`` (the HAWQ perturbation), summed in float64."""
-        diff = self.dequantize().double() - weight.detach().double()
+        diff = self.dequantize().to(weight.device).double() - weight.detach().double()
         return float((diff * diff).sum())
 
     def dequantize(self) -> Tensor:
         return self.dequantize_padded()[:, : self.k].reshape(self.shape)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same integers and scales on ``device`` (self where they are there already)."""
+        device = torch.device(device)
+        if self.q.device == device:
+            return self
+        return replace(self, q=self.q.to(device), scale=self.scale.to(device),
+                                   zero=None if self.zero is None else self.zero.to(device))
 
 
 def _as_matrix(weight: Tensor) -> Tensor:

@@ -69,11 +69,12 @@ class Quantizer(ABC):
         """Quantize ``weight`` (output channels first) of ``layer`` in the format ``spec``."""
 
     def quantize(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> QuantizedWeight:
-        """:meth:`quantize_new`, cached per (layer, format): weights do not change during a search."""
+        """:meth:`quantize_new`, cached per (layer, format): weights do not change during a search. The result lies on
+        ``weight``'s device (GPTQ keeps its results, and so the cache, in host memory)."""
         key = (layer, spec)
         if key in self._cache:
             self._cache.move_to_end(key)
-            return self._cache[key]
+            return self._cache[key].to(weight.device)
         qw = self.quantize_new(layer, weight.detach(), spec)
         size = _nbytes(qw)
         limit = cache_limit_bytes()
@@ -82,7 +83,7 @@ class Quantizer(ABC):
         if size <= limit:
             self._cache[key] = qw
             self._cache_bytes += size
-        return qw
+        return qw.to(weight.device)
 
     def fake(self, layer: str, weight: Tensor, spec: WeightQuantSpec) -> Tensor:
         """``Q(W)`` in float, shaped and typed like ``weight``."""

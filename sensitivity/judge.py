@@ -130,7 +130,10 @@ def write_report(report: EstimatorReport, out: str | Path) -> Path:
     report.table.to_csv(out / "estimators.csv", index=False)
     report.options.to_csv(out / "estimator_options.csv", index=False)
     report.configs.to_csv(out / "estimator_configs.csv", index=False)
-    (out / "estimators.html").write_text(_html(report))
+    try:
+        (out / "estimators.html").write_text(_html(report))
+    except ImportError:  # the tables are the result; the page needs the optional plotly
+        log.warning("plotly is not installed: %s has the tables but no estimators.html", out)
     return out
 
 
