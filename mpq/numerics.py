@@ -116,7 +116,7 @@ class QuantizedWeight:
 
     def error(self, weight: Tensor) -> float:
         """``||Q(W) - W||^2`` (the HAWQ perturbation), summed in float64."""
-        diff = self.dequantize().to(weight.device).double() - weight.detach().double()
+        diff = self.dequantize().double() - weight.detach().double()
         return float((diff * diff).sum())
 
     def dequantize(self) -> Tensor:
@@ -128,7 +128,7 @@ class QuantizedWeight:
         if self.q.device == device:
             return self
         return replace(self, q=self.q.to(device), scale=self.scale.to(device),
-                                   zero=None if self.zero is None else self.zero.to(device))
+                       zero=None if self.zero is None else self.zero.to(device))
 
 
 def _as_matrix(weight: Tensor) -> Tensor:
