@@ -103,14 +103,21 @@ def _latency(run: dict) -> list[str]:
         return parts + [""]
     parts.append(f"- {verification.get('describe')}")
     rows = verification.get("rows") or []
-    if rows:
-        parts += ["", _table([[r["name"], "yes" if r.get("uniform") else "", r["damage"], r["predicted_ms"],
-                               r["measured_ms"], r["measured_ms"] / r["predicted_ms"] if r["predicted_ms"] else None,
-                               "yes" if r["fits"] else "no", r.get("dominated_by") or "",
-                               "yes" if r.get("trusted") else "no (under load)", "**yes**" if r.get("chosen") else ""]
-                              for r in rows],
-                             ["candidate", "uniform", "damage", "predicted (ms)", "measured (ms)",
-                              "measured / predicted", "meets budget", "slower than", "trusted", "returned"])]
+    for step in verification.get("resolved") or []:
+        limits = ", ".join(f"{c} {v:.4g} ms" for c, v in step["limits"].items() if "ms" in c)
+        parts.append(f"- solved again (round {step['round']}) with the table's limits {limits}: "
+                     f"{step.get('stopped') or 'measured as resolved-' + str(step['round'])}")
+    budgets = verification.get("budgets") or {"latency_ms": verification.get("budget_ms")}
+    for column in budgets if rows else ():
+        at = [(r, (r.get("columns") or {column: r})[column]) for r in rows]
+        parts += ["", f"{column} (budget {_fmt(budgets[column], 4)} ms):", "",
+                  _table([[r["name"], "yes" if r.get("uniform") else "", r["damage"], v["predicted_ms"],
+                           v["measured_ms"], v["measured_ms"] / v["predicted_ms"] if v["predicted_ms"] else None,
+                           "yes" if v["fits"] else "no", r.get("dominated_by") or "",
+                           "yes" if v.get("trusted") else "no (under load)", "**yes**" if r.get("chosen") else ""]
+                          for r, v in at],
+                         ["candidate", "uniform", "damage", "predicted (ms)", "measured (ms)",
+                          "measured / predicted", "meets budget", "slower than", "trusted", "returned"])]
     return parts + [""]
 
 

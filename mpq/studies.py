@@ -17,6 +17,7 @@ or :func:`load_study` solve again without the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from pathlib import Path
@@ -162,7 +163,9 @@ class Study:
         frontier = self.frontier(points=solve.frontier_points, _with_phases=_phase_columns(limits))
         seconds = {"solve": time.perf_counter() - t0}
         model = self.latency_model()
-        allocation, verification = self._verify(allocation, limits, frontier, solve, model)
+        damage = None if self.live is None else self.live.damage
+        resolve = functools.partial(self.record.allocate, solve=solve, out=out, damage=damage)
+        allocation, verification = self._verify(allocation, limits, frontier, solve, model, resolve)
         seconds["verify"] = time.perf_counter() - t0 - seconds["solve"]
         return build_result(self, budget, limits, allocation, frontier, solve, evaluate, seconds, out, True,
                             model, verification)
@@ -202,22 +205,20 @@ class Study:
                                    costs=config_totals(table, self.costs.fixed, fitting[name], columns),
                                    stats={**stats, "uniform_swap": name})
 
-    def _verify(self, allocation, limits: Mapping[str, float], frontier: pd.DataFrame, solve, model):
-        """Verify before choosing (:func:`mpq.study_verify.verify`) for a latency budget on a live study; the
-        allocation unchanged and a record saying why not otherwise."""
-        import math
+    def _verify(self, allocation, limits: Mapping[str, float], frontier: pd.DataFrame, solve, model, resolve):
+        """Verify before choosing (:func:`mpq.study_verify.verify`) for a latency budget (any phase) on a live
+        study, solving again with ``resolve(limits)`` where the choice measures over; the allocation unchanged
+        and a record saying why not otherwise."""
+        from mpq.study_verify import latency_limits, verify
 
-        from mpq.cost_stage import MAIN
-        from mpq.study_verify import verify
-
-        if MAIN not in limits or math.isinf(limits[MAIN]):
+        if not latency_limits(limits):
             return allocation, None  # size and BOPs are exact
         if not solve.verify:
             return allocation, {"met": None, "describe": "not verified (verify=False)"}
         if self.live is None:
             return allocation, {"met": None, "describe": "not verified: a study loaded from disk has no model to "
                                                          "measure (study.attach(model, ...) first)"}
-        return verify(self, allocation, limits, frontier, model)
+        return verify(self, allocation, limits, frontier, model, resolve=resolve)
 
     def _check(self, budget: Budget, limits: Mapping[str, float] | None = None):
         """A :class:`BudgetError` for a budget no allocation meets. The main latency limit of a live study is

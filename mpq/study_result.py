@@ -130,11 +130,11 @@ def with_bits(summary: pd.DataFrame, study, candidates: Mapping[str, Choice]) ->
 
 def with_verified(summary: pd.DataFrame, verification: Mapping[str, Any] | None) -> pd.DataFrame:
     """The measured latency of each row that verification timed end to end (evaluation measures them again)."""
-    rows = {r["choice"]: r for r in (verification or {}).get("rows", [])}
+    rows = {r["choice"]: (r.get("columns") or {MAIN: r}).get(MAIN) for r in (verification or {}).get("rows", [])}
     summary = summary.copy()
     for i, key in enumerate(summary["choice"]):
         r = rows.get(key)
-        if r is not None:
+        if r is not None:  # a row verified at the calibration batch (a phase's timing is not this column's)
             summary.loc[i, ["latency_measured_ms", "latency_measured_q1_ms", "latency_measured_q3_ms"]] = \
                 [r["measured_ms"], r.get("q1_ms", float("nan")), r.get("q3_ms", float("nan"))]
     return summary

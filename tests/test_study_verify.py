@@ -168,3 +168,54 @@ def test_a_uniform_config_that_measures_less_damage_replaces_the_solvers_choice(
     monkeypatch.setattr(study.live, "damage", damage)
     plain = study.solve(f"size_mb={limit!r}", check_uniform=False)
     assert not seen and "uniform_check" not in plain.info["solver_stats"]
+
+
+def test_a_phase_limit_is_verified_at_its_own_input_and_solved_again_when_its_table_errs(mlp, monkeypatch):
+    """A phase's limit (here ``latency_ms@128``; decode and prefill alike) is measured at the phase's input, not
+    trusted to its table. The timer below is a stand-in that measures a fixed multiple of the table's sum: the solver's
+    choice then measures over the limit, the limit is scaled by table/measured and solved again, and what comes
+    back is the optimum of the honest problem."""
+    import mpq.study_verify as sv
+
+    model, calib = mlp
+    study = mpq.study(model, calib, latency_configs=0, tie_tolerance=0, **QUICK)  # the least damage, not a tie
+    col = "latency_ms@128"
+    study.limits(f"{col}=1e9")  # profiles the phase
+    assert study.costs.phases[col]["input"][0] == 128
+    timed: dict[str, list] = {}
+
+    # the multiple: the least-damage frontier config's table latency is the limit, and that over the multiple falls
+    # between the two fastest frontier points (so the honest problem is feasible and its answer is the fastest)
+    front = sorted(study.frontier(col)[col].astype(float))
+    limit = front[-1]
+    factor = limit / ((front[0] + front[1]) / 2)
+
+    def scaled_table(column):
+        def measure(choices):
+            timed.setdefault(column, []).extend(choices)
+            ms = [factor * sv.config_totals(study.table, study.costs.fixed, c, [column])[column] for c in choices]
+            return [{"median_ms": m, "q1_ms": m, "q3_ms": m, "trusted": 1} for m in ms]
+        return measure
+
+    monkeypatch.setattr(sv, "config_timer", lambda s, column=MAIN: scaled_table(column))
+    result = study.solve(f"{col}={limit!r}", check_uniform=False)
+    v = result.info["verification"]
+    assert set(timed) == {col} and v["budgets"] == {col: pytest.approx(limit)}  # no main limit: only the phase
+    solver_row = next(r for r in v["rows"] if r["name"] == "chosen")
+    assert not solver_row["fits"] and solver_row["columns"][col]["measured_ms"] > limit
+    first = v["resolved"][0]
+    measured, table_ms = solver_row["columns"][col]["measured_ms"], solver_row["columns"][col]["predicted_ms"]
+    assert first["limits"][col] == pytest.approx(limit * table_ms / measured) == pytest.approx(limit / factor)
+    assert v["met"] and v["returned"] != "chosen"
+    won = next(r for r in v["rows"] if r["name"] == v["returned"])
+    assert won["fits"] and won["columns"][col]["measured_ms"] <= limit * (1 + 1e-9)
+    assert won["damage"] == min(r["damage"] for r in v["rows"] if r["fits"])
+    honest = study.solve(f"{col}={limit / factor!r}", check_uniform=False, verify=False)
+    assert won["damage"] == pytest.approx(honest.row("chosen")["score"], rel=1e-9, abs=1e-12)
+    assert result.row("chosen")["choice"] == won["choice"]
+    assert math.isnan(result.row("chosen")["latency_measured_ms"])  # a phase's timing is not the main column's
+    # rounds=0 (no re-solve): only the first candidates, and the least-damage one that fits among them
+    kept, record = sv.verify(study, study.record.allocate(study.limits(f"{col}={limit!r}"), study.options.solve,
+                                                           None), study.limits(f"{col}={limit!r}"),
+                             study.frontier(_with_phases=[col]), study.latency_model(), rounds=0)
+    assert not record["resolved"] and all(not r["name"].startswith("resolved") for r in record["rows"])

@@ -13,7 +13,7 @@ from mpq.workers.noise import NoisePolicy
 from mpq.workers.profiler import LatencyTable, ModeMismatchError, measure_workloads, profile_workloads
 from mpq.workers.timing import (TimingStats, time_callable, time_layers_in_model, time_model, time_models,
                                 time_rest_of_model, time_workload)
-from mpq.workers.verify import Candidate, Floor, Verdict, reachable_floor, verify_candidates
+from mpq.workers.verify import Candidate, Floor, Verdict, reachable_floor, verify_candidates, verify_columns
 from mpq.workers.workloads import Workload, context_bytes_of, workload_of, workloads_for
 
 __all__ = ["ProfileCache", "CacheLockedError", "default_cache_dir", "CheckReport", "check_cache",
@@ -22,4 +22,4 @@ __all__ = ["ProfileCache", "CacheLockedError", "default_cache_dir", "CheckReport
            "measure_workloads", "profile_workloads", "NoisePolicy", "TimingStats", "time_callable", "time_model",
            "time_models", "time_rest_of_model", "time_layers_in_model", "time_workload", "config_key",
            "measure_configs", "model_key", "time_configs", "Candidate", "Floor", "Verdict", "reachable_floor",
-           "verify_candidates", "Workload", "context_bytes_of", "workload_of", "workloads_for"]
+           "verify_candidates", "verify_columns", "Workload", "context_bytes_of", "workload_of", "workloads_for"]

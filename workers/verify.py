@@ -13,7 +13,7 @@ latency actually reached, not the table's guess.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,11 @@ def verify_candidates(candidates: Sequence[Candidate], budget_ms: float, measure
     within its spread (median at most the budget plus half its IQR, and at most ``max_over`` over); ties in
     damage go to the faster. A candidate measured slower than a fitting uniform baseline of no more damage is
     excluded (``dominated_by`` names the baseline)."""
+    return _decide(candidates, _measured_rows(candidates, budget_ms, measure, max_over), budget_ms)
+
+
+def _measured_rows(candidates: Sequence[Candidate], budget_ms: float, measure: Measure, max_over: float
+                   ) -> list[dict[str, Any]]:
     if not candidates:
         raise ValueError("verify_candidates needs at least one candidate")
     names = [c.name for c in candidates]
@@ -85,11 +90,49 @@ def verify_candidates(candidates: Sequence[Candidate], budget_ms: float, measure
                      "trusted": m.get("trusted"), "fits": ms - _margin(m, budget_ms, max_over) <= budget_ms,
                      "dominated_by": None,
                      "prediction_error_pct": 100 * (c.predicted_ms - ms) / ms})
+    return rows
+
+
+def verify_columns(candidates: Sequence[Candidate], budgets: Mapping[str, float], measures: Mapping[str, Measure],
+                   predicted: Mapping[str, Sequence[float]], max_over: float = 0.05) -> Verdict:
+    """:func:`verify_candidates` for several latency limits at once (the calibration batch, decode, prefill: each
+    column measured at its own input by ``measures[column]``, its candidates predicted at ``predicted[column]``).
+    A candidate fits when it meets every limit by measurement; a uniform baseline that fits them all with no more
+    damage and measures faster at every one excludes it. Rows carry the first column's numbers (as
+    :func:`verify_candidates`'s) and ``columns``: each column's measured and predicted latency and fit."""
+    if not budgets:
+        raise ValueError("verify_columns needs at least one latency limit")
+    per = {}
+    for col, limit in budgets.items():
+        at = [replace(c, predicted_ms=float(p)) for c, p in zip(candidates, predicted[col])]
+        per[col] = _measured_rows(at, limit, measures[col], max_over)
+    first = next(iter(budgets))
+    rows = []
+    for i, c in enumerate(candidates):
+        cols = {col: {k: per[col][i][k] for k in _PER_COLUMN} for col in budgets}
+        rows.append({**per[first][i], "fits": all(v["fits"] for v in cols.values()),
+                     "trusted": all(bool(v["trusted"]) for v in cols.values()), "columns": cols})
+    return _decide(candidates, rows, budgets[first])
+
+
+_PER_COLUMN = ("measured_ms", "predicted_ms", "q1_ms", "q3_ms", "fits", "trusted", "prediction_error_pct")
+
+
+def _faster_everywhere(u: Mapping[str, Any], r: Mapping[str, Any]) -> bool:
+    cols = u.get("columns")
+    if not cols:
+        return u["measured_ms"] < r["measured_ms"]
+    return all(cols[c]["measured_ms"] < r["columns"][c]["measured_ms"] for c in cols)
+
+
+def _decide(candidates: Sequence[Candidate], rows: list[dict[str, Any]], budget_ms: float) -> Verdict:
+    """The least-damage fitting candidate no fitting uniform baseline of no more damage beats on every measured
+    latency (ties in damage to the faster); ``fastest`` by the first column."""
     baselines = [r for r in rows if r["uniform"] and r["fits"]]
     for r in rows:
         if r["uniform"]:
             continue
-        beaten = [u for u in baselines if u["damage"] <= r["damage"] and u["measured_ms"] < r["measured_ms"]]
+        beaten = [u for u in baselines if u["damage"] <= r["damage"] and _faster_everywhere(u, r)]
         if beaten:
             r["dominated_by"] = min(beaten, key=lambda u: (u["damage"], u["measured_ms"]))["name"]
     eligible = [r for r in rows if r["fits"] and r["dominated_by"] is None]
@@ -97,7 +140,7 @@ def verify_candidates(candidates: Sequence[Candidate], budget_ms: float, measure
     verdict = Verdict(None, budget_ms, rows, (fastest["name"], fastest["measured_ms"]))
     if eligible:
         best = min(eligible, key=lambda r: (r["damage"], r["measured_ms"]))
-        verdict.chosen = candidates[names.index(best["name"])]
+        verdict.chosen = candidates[[c.name for c in candidates].index(best["name"])]
     for r in rows:
         r["chosen"] = verdict.chosen is not None and r["name"] == verdict.chosen.name
     log.info(verdict.describe())
